@@ -1,0 +1,1 @@
+"""Fusion methods: what each layer selects, per step and sample. Pure math on small tensors."""

@@ -1,0 +1,1 @@
+"""Integrations with diffusers pipelines, PEFT layers and LoRA files."""

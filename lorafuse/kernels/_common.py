@@ -1,0 +1,118 @@
+"""Shared host-side helpers of the kernels: backend choice, tile tables, argument checks.
+
+Nothing here launches work on a device; the kernels' files import these helpers.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+
+try:  # Triton is a hard dependency on Linux, but keep `import lorafuse` working without it.
+    import triton
+    import triton.language as tl  # noqa: F401
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised only on platforms without Triton wheels
+    triton = None
+    HAS_TRITON = False
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+BACKENDS = ("auto", "triton", "torch")
+# tl.dot needs every operand dimension >= 16, so each LoRA's rank is padded to this multiple.
+RANK_MULTIPLE = 16
+
+
+def interpreter_active() -> bool:
+    """True when Triton kernels run through the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def resolve_backend(backend: str, device: torch.device, what: str = "fused_lora_linear") -> str:
+    """Map ``backend`` ("auto" | "triton" | "torch") to the implementation that runs on ``device``.
+
+    "auto" picks Triton for CUDA tensors and the torch reference everywhere else; "triton" forces the
+    kernels and needs CUDA tensors or the interpreter.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"{what}: backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return "torch"
+    usable = HAS_TRITON and (device.type == "cuda" or interpreter_active())
+    if backend == "triton":
+        if not HAS_TRITON:
+            raise ValueError(f"{what}: backend='triton' but Triton is not installed")
+        if not usable:
+            raise ValueError(
+                f"{what}: backend='triton' needs CUDA tensors (got {device.type}) or TRITON_INTERPRET=1"
+            )
+        return "triton"
+    return "triton" if HAS_TRITON and device.type == "cuda" else "torch"
+
+
+def padded_rank(rank: int) -> int:
+    """Rank rounded up to a multiple of 16 (the smallest K of a tensor-core ``tl.dot``)."""
+    return max(RANK_MULTIPLE, -(-rank // RANK_MULTIPLE) * RANK_MULTIPLE)
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(1, n))))
+
+
+def check_dtype(name: str, t: torch.Tensor, what: str) -> None:
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{what}: {name} has dtype {t.dtype}; supported are float16, bfloat16 and float32")
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` precision for fp32 operands: follow torch's own TF32 switch (ignored for 16-bit)."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+@functools.lru_cache(maxsize=None)
+def device_family(index: int) -> str:
+    """'hopper' (sm_90+), 'ampere' (sm_80/86/89) or 'older' for a CUDA device index."""
+    major, _ = torch.cuda.get_device_capability(index)
+    return "hopper" if major >= 9 else "ampere" if major >= 8 else "older"
+
+
+def tile_configs(table: dict, interpret_config: dict) -> list:
+    """``triton.Config`` objects for ``@triton.autotune``: every GPU family's candidates, or the one
+    interpreter config (autotuning with several configs fails without a GPU).
+
+    Each config is tagged with its family in ``config.family`` so ``prune_by_family`` can keep the
+    ones meant for the device the kernel is launched on.
+    """
+    if interpreter_active() or not HAS_TRITON:
+        cfg = triton.Config(dict(interpret_config), num_warps=4, num_stages=1) if HAS_TRITON else None
+        if cfg is not None:
+            cfg.family = "interpreter"
+        return [cfg]
+    configs = []
+    for family, entries in table.items():
+        for kw, warps, stages in entries:
+            cfg = triton.Config(dict(kw), num_warps=warps, num_stages=stages)
+            cfg.family = family
+            configs.append(cfg)
+    return configs
+
+
+def prune_by_family(tensor_arg: str):
+    """``early_config_prune`` hook: keep only the configs of the launching device's family."""
+
+    def prune(configs, named_args, **kwargs):
+        t = named_args[tensor_arg]
+        if not (isinstance(t, torch.Tensor) and t.is_cuda):
+            return configs[:1]
+        family = device_family(t.device.index if t.device.index is not None else torch.cuda.current_device())
+        kept = [c for c in configs if getattr(c, "family", None) == family]
+        if not kept:
+            kept = [c for c in configs if getattr(c, "family", None) == "ampere"] or configs[:1]
+        return kept
+
+    return prune
