@@ -1,0 +1,101 @@
+"""The fusion-method interface: the contract between the integrations and the methods.
+
+Life cycle, driven by an integration (diffusers) or by hand:
+
+1. ``method.prepare(layers, device)`` once: ``layers[l]`` is a :class:`LayerLoRAs` for patched layer
+   l (index = registration order). The factors are the deltas the user actually loaded, i.e. scale
+   already applied by the caller's convention: dW_i = scale_i * B_i A_i. The method computes its
+   static per-layer state here (scores, gamma, flip tables) and preallocates its device tensors.
+2. ``method.begin_step(progress)`` once per denoiser call (from a forward pre-hook), with a
+   :class:`Progress`. Must not sync with the host: tau may be a device tensor.
+3. ``method.layer_forward(l, x, weight, bias, packed, backend=...)`` for every call of layer l inside
+   that denoiser call: returns y = x W^T + b + sum_i g_i d_i with the method's gates g (2 LoRAs,
+   subject first), computed through :mod:`lorafuse.kernels`. ``packed`` is the layer's
+   :class:`~lorafuse.kernels.PackedLoRA` of (subject, style) with the *current* scales folded in.
+4. ``method.last_decision(l)`` -> :class:`Decision` for logging (device tensors; the caller decides
+   when to copy them to the host).
+
+Methods never import diffusers; they call kernels and plain torch ops on small tensors.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from ..kernels import PackedLoRA
+
+SUBJECT, STYLE = 0, 1
+
+
+@dataclass(frozen=True)
+class LayerLoRAs:
+    """One patched linear's two LoRAs: A (r, K), B (N, r), scale (float or 0-d tensor)."""
+
+    name: str
+    subject: tuple[torch.Tensor, torch.Tensor, float | torch.Tensor]
+    style: tuple[torch.Tensor, torch.Tensor, float | torch.Tensor]
+
+
+@dataclass
+class Progress:
+    """Where the sampler is: ``tau`` in [0, 1] (0 = first, noisiest step), as a float or a 0-d tensor
+    (device tensors keep the per-step path free of host syncs). ``step`` counts denoiser calls from 0
+    and ``num_steps`` is the sampler's step count when known (the official counter mode needs both);
+    ``timestep`` is the raw value the denoiser received, for logs."""
+
+    tau: float | torch.Tensor
+    step: int = 0
+    num_steps: int | None = None
+    timestep: float | torch.Tensor | None = None
+
+
+@dataclass
+class Decision:
+    """The last gates a layer applied: ``gates`` (G, 2) fp32 (G = 1 for per-layer methods, batch for
+    per-sample ones), ``tau`` as used, and method statistics (name -> tensor or float)."""
+
+    gates: torch.Tensor
+    tau: float | torch.Tensor | None = None
+    stats: dict = field(default_factory=dict)
+
+
+class FusionMethod(abc.ABC):
+    """Base class of the methods ("klora", "est", "kl", "merge", "subject", "style")."""
+
+    name: str = "base"
+    #: True when gates depend on the forward's own statistics (needs the kernel's STATS epilogue)
+    dynamic: bool = False
+
+    @abc.abstractmethod
+    def prepare(self, layers: Sequence[LayerLoRAs], device: torch.device | str | None = None) -> None:
+        """Compute the static per-layer state once (see the module docstring)."""
+
+    @abc.abstractmethod
+    def begin_step(self, progress: Progress) -> None:
+        """Update the gates for a new denoiser call, in place, without host syncs."""
+
+    @abc.abstractmethod
+    def layer_forward(
+        self,
+        layer: int,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        packed: PackedLoRA,
+        *,
+        backend: str = "auto",
+    ) -> torch.Tensor:
+        """y for layer ``layer`` with the current gates; x (..., K) -> (..., N)."""
+
+    @abc.abstractmethod
+    def last_decision(self, layer: int) -> Decision:
+        """What layer ``layer`` applied on its last call."""
+
+    @property
+    @abc.abstractmethod
+    def num_layers(self) -> int:
+        """Number of layers given to :meth:`prepare`."""
