@@ -26,7 +26,11 @@ if HAS_TRITON:
     # (kwargs, num_warps, num_stages) per GPU family; BLOCK_R covers the whole (padded) rank width
     # when it is <= 128 so x is read once.
     _SHRINK_TABLE = {
-        "hopper": [({"BLOCK_M": 64, "BLOCK_K": 128}, 4, 3), ({"BLOCK_M": 32, "BLOCK_K": 256}, 4, 3)],
+        "hopper": [
+            ({"BLOCK_M": 64, "BLOCK_K": 128}, 4, 3),
+            ({"BLOCK_M": 32, "BLOCK_K": 256}, 4, 3),
+            ({"BLOCK_M": 64, "BLOCK_K": 64}, 4, 3),  # fits fp32 with BLOCK_R = 128
+        ],
         "ampere": [({"BLOCK_M": 64, "BLOCK_K": 64}, 4, 3), ({"BLOCK_M": 32, "BLOCK_K": 128}, 4, 3)],
         "older": [({"BLOCK_M": 32, "BLOCK_K": 64}, 4, 2)],
     }

@@ -1,0 +1,117 @@
+"""Compile every kernel variant for real GPU targets without a GPU (PTX + cubin through ptxas).
+
+The Triton interpreter accepts programs a GPU compiler rejects (``tl.dot`` with K < 16, dtype mixes,
+shared-memory overflows), so CI compiles each kernel for sm_80 and sm_90 as well::
+
+    python -m lorafuse.kernels.compile_check --arch 80 90
+
+Run it without ``TRITON_INTERPRET`` (the kernels must be real ``JITFunction`` objects). Prints one
+line per variant and exits non-zero when any variant fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+
+_TY = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}
+
+
+def _jit(kernel):
+    """Unwrap ``@autotune`` / ``@heuristics`` down to the JITFunction."""
+    while not hasattr(kernel, "arg_names") or hasattr(kernel, "configs") or hasattr(kernel, "values"):
+        kernel = kernel.fn
+    return kernel
+
+
+def _compile(kernel, ptr_types: dict, constexprs: dict, arch: int, num_warps: int, num_stages: int):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = _jit(kernel)
+    signature = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in ptr_types:
+            signature[name] = ptr_types[name]
+        else:
+            signature[name] = "i32"
+    src = ASTSource(fn, signature, constexprs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+# the most shared memory one block may use (opt-in maximum), by compute capability
+SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+
+
+def variants(family: str):
+    """(label, kernel, ptr types, constexprs, [(warps, stages, tile kwargs), ...]) per kernel variant.
+
+    Tiled kernels list every config of ``family``'s table: the autotuner skips configs that run out of
+    resources, so a variant passes when at least one of them compiles within the shared-memory limit.
+    """
+    from .fused_lora_linear import _GEMM_TABLE, _fused_lora_linear_kernel
+    from .lora_fixup import FIXUP_BLOCK_M, FIXUP_BLOCK_N, _lora_fixup_kernel
+    from .lora_stats import REDUCE_BLOCK_M, _reduce_lora_stats_kernel
+    from .shrink import _SHRINK_TABLE, _lora_shrink_kernel
+
+    gemm = [(w, s, kw) for kw, w, s in _GEMM_TABLE[family]]
+    shrink = [(w, s, kw) for kw, w, s in _SHRINK_TABLE[family]]
+    flag_sets = ((16, 2, True, True, False), (64, 2, True, True, True), (16, 1, False, False, True))
+    for dt, (rank_block, loras, bias, gated, stats) in itertools.product(("fp16", "bf16", "fp32"), flag_sets):
+        ptrs = dict(x_ptr=_TY[dt], w_ptr=_TY[dt], bias_ptr=_TY[dt], u_ptr="*fp32", b_ptr=_TY[dt], gate_ptr="*fp32",
+                    y_ptr=_TY[dt], part_ptr="*fp32")
+        const = dict(NUM_LORAS=loras, RANK_BLOCK=rank_block, HAS_BIAS=bias, GATED=gated, STATS=stats,
+                     DOT_PRECISION="tf32", EVEN_K=False)
+        yield (f"fused_lora_linear {dt} R={rank_block} L={loras} bias={bias} gated={gated} stats={stats}",
+               _fused_lora_linear_kernel, ptrs, const, gemm)
+    for dt, block_r in itertools.product(("fp16", "bf16", "fp32"), (16, 128)):
+        yield (f"lora_shrink {dt} BLOCK_R={block_r}", _lora_shrink_kernel,
+               dict(x_ptr=_TY[dt], a_ptr=_TY[dt], u_ptr="*fp32"),
+               dict(BLOCK_R=block_r, DOT_PRECISION="tf32", EVEN_K=False), shrink)
+    for dt in ("fp16", "bf16", "fp32"):
+        yield (f"lora_fixup {dt} R=16", _lora_fixup_kernel,
+               dict(y_ptr=_TY[dt], u_ptr="*fp32", b_ptr=_TY[dt], dg_ptr="*fp32"),
+               dict(NUM_LORAS=2, RANK_BLOCK=16, DOT_PRECISION="tf32", BLOCK_M=FIXUP_BLOCK_M, BLOCK_N=FIXUP_BLOCK_N),
+               [(4, 2, {})])
+    yield ("reduce_lora_stats", _reduce_lora_stats_kernel,
+           dict(part_ptr="*fp32", kl_ptr="*fp32", klr_ptr="*fp32", en_ptr="*fp32"),
+           dict(NUM_LORAS=2, BLOCK_M=REDUCE_BLOCK_M), [(4, 1, {})])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities, e.g. 80 90")
+    parser.add_argument("--filter", default="", help="only variants whose label contains this")
+    args = parser.parse_args(argv)
+    failures = 0
+    for arch in args.arch:
+        family = "hopper" if arch >= 90 else "ampere" if arch >= 80 else "older"
+        limit = SHARED_LIMIT.get(arch, 49152)
+        for label, kernel, ptrs, const, configs in variants(family):
+            if args.filter not in label:
+                continue
+            notes = []
+            for warps, stages, tile in configs:  # the first config that fits is enough
+                try:
+                    smem = _compile(kernel, ptrs, dict(const, **tile), arch, warps, stages).metadata.shared
+                except Exception as exc:  # report every failing variant, not just the first
+                    lines = str(exc).strip().splitlines()
+                    notes.append(lines[-1] if lines else type(exc).__name__)
+                    continue
+                if smem <= limit:
+                    print(f"ok   sm_{arch} {label}: {tile or ''} {warps} warps {stages} stages, shared {smem} B")
+                    break
+                notes.append(f"{tile} {stages} stages needs {smem} B shared > {limit}")
+            else:
+                failures += 1
+                print(f"FAIL sm_{arch} {label}: " + "; ".join(notes))
+    print(f"{failures} failed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
