@@ -14,6 +14,7 @@ import torch
 from ._common import HAS_TRITON, check_dtype, resolve_backend
 from .fused_lora_linear import (
     fused_gemm_expand_torch,
+    fused_lora_linear_torch,
     gemm_block_n,
     launch_fused_gemm_expand,
     num_stat_columns,
@@ -65,8 +66,10 @@ if HAS_TRITON:
 class FusedForward(NamedTuple):
     """Everything one fused call produces, for callers that go on with it (the speculative KL path).
 
-    y: (..., N) output; u: (M, L*R) fp32 shrink (ungated); partials: (tiles, M, 2 + 5L) fp32 statistics
-    partials or None; packed: the :class:`PackedLoRA` used; rows_per_sample: rows of one gate sample.
+    y: (..., N) output; u: (M, L*R) fp32 shrink (ungated, padded blocks; None from the torch backend
+    without statistics, which works on the unpadded factors); partials: (tiles, M, 2 + 5L) fp32
+    statistics partials or None; packed: the :class:`PackedLoRA` used; rows_per_sample: rows of one
+    gate sample.
     """
 
     y: torch.Tensor
@@ -170,6 +173,9 @@ def fused_lora_forward(
         w = weight if weight.stride(-1) == 1 else weight.contiguous()
         y, u, part = _fused_op(x2, w, bias, packed.a, packed.b, g, rows_per_sample, L, stats)
         return FusedForward(y.reshape(*lead, N), u, part if stats else None, packed, rows_per_sample)
+    if not stats:
+        y = fused_lora_linear_torch(x2, weight, bias, packed, g, rows_per_sample)
+        return FusedForward(y.reshape(*lead, N), None, None, packed, rows_per_sample)
     u = lora_shrink_torch(x2, packed.a)
     y, part = fused_gemm_expand_torch(x2, weight, bias, u, packed.b, g, rows_per_sample, L, stats)
     return FusedForward(y.reshape(*lead, N), u, part, packed, rows_per_sample)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from ._common import HAS_TRITON, device_family, dot_precision, prune_by_family, tile_configs
+from .packing import PackedLoRA
 
 if HAS_TRITON:
     import triton
@@ -48,6 +49,40 @@ def row_gates(gates: torch.Tensor | None, M: int, rows_per_sample: int, num_lora
     if g.shape[0] == 1:
         return g.expand(M, num_loras)
     return g.repeat_interleave(rows_per_sample, dim=0)
+
+
+def fused_lora_linear_torch(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    packed: PackedLoRA,
+    gates: torch.Tensor | None,
+    rows_per_sample: int,
+) -> torch.Tensor:
+    """The plain-torch path (CPU default, reference sequence): one addmm, one shrink over the unpadded
+    concatenated A, gates applied to U's columns, one in-place addmm_ expand.
+
+    x (M, K), gates (G, L) fp32 or None. With per-layer gates held on the CPU, LoRAs gated to exactly
+    zero are skipped (reading a CPU tensor is no device sync), so a K-LoRA layer pays for one LoRA.
+    """
+    y = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
+    a, b, owner = packed.a_compact, packed.b_compact, packed.compact_lora
+    if gates is not None and gates.shape[0] == 1 and gates.device.type == "cpu":
+        active = [i for i, v in enumerate(gates[0].tolist()) if v != 0.0]
+        if not active:
+            return y
+        if len(active) == 1 and packed.num_loras > 1:
+            i = active[0]
+            cols = slice(packed.offset(i), packed.offset(i) + packed.ranks[i])
+            a, b, owner = a[cols], b[:, cols], owner[cols]
+    u = x @ a.t()
+    if gates is not None:
+        coef = gates.to(u.dtype).index_select(1, owner)  # (G, columns)
+        if gates.shape[0] == 1:
+            u.mul_(coef)
+        else:
+            u.view(gates.shape[0], rows_per_sample, -1).mul_(coef[:, None, :])
+    return y.addmm_(u, b.t())
 
 
 def fused_gemm_expand_torch(

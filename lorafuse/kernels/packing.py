@@ -9,6 +9,8 @@ smaller ranks, so the padding contributes exact zeros)::
 
 so that ``sum_i s_i (x A_i^T) B_i^T = (x a^T) b^T`` and LoRA i owns the columns ``[i*R, (i+1)*R)`` of
 the shrink ``U = x a^T``. Uniform blocks let the kernels address LoRA i with compile-time offsets.
+The torch path (CPU) uses the unpadded concatenations ``a_compact`` (sum r_i, K) and ``b_compact``
+(N, sum r_i) instead: on a CPU padding is pure waste.
 """
 
 from __future__ import annotations
@@ -50,12 +52,17 @@ class PackedLoRA:
         b: (out_features, num_loras * rank_block) up factors times their scale.
         ranks: the true rank of each LoRA.
         rank_block: R, the padded width of every LoRA's block (a multiple of 16).
+        a_compact, b_compact: the same factors without padding (rows / columns ``offset(i)`` on).
+        compact_lora: (sum r_i,) int64, the LoRA each compact column belongs to.
     """
 
     a: torch.Tensor
     b: torch.Tensor
     ranks: tuple[int, ...]
     rank_block: int
+    a_compact: torch.Tensor
+    b_compact: torch.Tensor
+    compact_lora: torch.Tensor
 
     @property
     def num_loras(self) -> int:
@@ -142,7 +149,17 @@ class PackedLoRA:
             work = torch.float64 if B.dtype == torch.float64 else torch.float32
             s = scale.to(device=B.device, dtype=work) if isinstance(scale, torch.Tensor) else scale
             b[:, i * R : i * R + r].copy_(B.to(work) * s)
-        return cls(a=a, b=b, ranks=ranks, rank_block=R)
+        return cls(a, b, ranks, R, *cls._compact(a, b, ranks, R))
+
+    @staticmethod
+    def _compact(a: torch.Tensor, b: torch.Tensor, ranks, R: int) -> tuple[torch.Tensor, ...]:
+        rows = torch.cat([torch.arange(i * R, i * R + r) for i, r in enumerate(ranks)]).to(a.device)
+        owner = torch.cat([torch.full((r,), i) for i, r in enumerate(ranks)]).to(a.device)
+        return a.index_select(0, rows), b.index_select(1, rows), owner
+
+    def offset(self, i: int) -> int:
+        """First row of LoRA i in ``a_compact`` (column in ``b_compact``)."""
+        return sum(self.ranks[:i])
 
     def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> "PackedLoRA":
         """A copy in another dtype / on another device (self when nothing changes)."""
@@ -150,7 +167,8 @@ class PackedLoRA:
         device = torch.device(device) if device is not None else self.device
         if dtype == self.dtype and device == self.device:
             return self
-        return PackedLoRA(self.a.to(device, dtype), self.b.to(device, dtype), self.ranks, self.rank_block)
+        a, b = self.a.to(device, dtype), self.b.to(device, dtype)
+        return PackedLoRA(a, b, self.ranks, self.rank_block, *self._compact(a, b, self.ranks, self.rank_block))
 
     def block(self, i: int) -> slice:
         """Columns of U (and of b) owned by LoRA i, padding included."""

@@ -230,7 +230,7 @@ def test_fixup_turns_old_gates_into_new(backend):
     x, W, b, loras = make_layer(None, 72, 80, (8, 13), (1.0, -0.5), lead=(4, 10))
     old = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
     new = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])  # samples 1 and 2 flip
-    out = fused_lora_forward(x, W, b, loras, old, backend=backend)
+    out = fused_lora_forward(x, W, b, loras, old, stats=True, backend=backend)
     before = out.y.clone()
     lora_fixup(out.y, out.u, out.packed, new - old, out.rows_per_sample, backend=backend)
     assert_close_rel(out.y, formula64(x, W, b, loras, new), torch.float32)
