@@ -54,6 +54,17 @@ if HAS_TRITON:
             )
         return y, u, part
 
+    @_fused_op.register_fake
+    def _fused_op_fake(x, weight, bias, a, b, gates, rows_per_sample, num_loras, stats):
+        # explicit, so shape propagation never reaches a launcher (the interpreter would run it)
+        M, N = x.shape[0], weight.shape[0]
+        tiles = -(-N // gemm_block_n(x.device)) if stats else 0
+        return (
+            x.new_empty((M, N)),
+            x.new_empty((M, a.shape[0]), dtype=torch.float32),
+            x.new_empty((tiles, M, num_stat_columns(num_loras)), dtype=torch.float32),
+        )
+
     @triton_op("lorafuse::lora_fixup", mutates_args={"y"})
     def _fixup_op(
         y: torch.Tensor, u: torch.Tensor, b: torch.Tensor, delta_gates: torch.Tensor, rows_per_sample: int,
@@ -61,6 +72,10 @@ if HAS_TRITON:
     ) -> None:
         if y.shape[0] > 0:
             launch_lora_fixup(y, u, b, delta_gates, rows_per_sample, num_loras, wrap=wrap_triton)
+
+    @_fixup_op.register_fake
+    def _fixup_op_fake(y, u, b, delta_gates, rows_per_sample, num_loras):
+        return None
 
 
 class FusedForward(NamedTuple):

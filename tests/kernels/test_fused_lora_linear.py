@@ -321,3 +321,19 @@ def test_gpu_cuda_graph_and_compile():
     assert not torch.equal(out, ref)
     compiled = torch.compile(lambda x_: fused_lora_linear(x_, W, b, packed, gates), fullgraph=True)
     torch.testing.assert_close(compiled(x), fused_lora_linear(x, W, b, packed, gates))
+
+
+def test_registered_ops_pass_opcheck():
+    """torch.library ops: schema (declared mutations) and fake-tensor shape propagation hold."""
+    from torch.library import opcheck
+
+    x, W, b, loras = make_layer(41, 72, 80, (4, 8), (1.0, 1.0))
+    p = PackedLoRA.pack(loras)
+    g = torch.tensor([[1.0, 0.0]], device=DEVICE)
+    checks = ("test_schema", "test_faketensor")
+    for stats in (False, True):
+        args = (x, W, b, p.a, p.b, g, 41, 2, stats)
+        assert set(opcheck(torch.ops.lorafuse.fused_lora_linear.default, args, test_utils=checks).values()) == {"SUCCESS"}
+    y, u, _ = torch.ops.lorafuse.fused_lora_linear(x, W, b, p.a, p.b, g, 41, 2, True)
+    args = (y, u, p.b, torch.tensor([[-1.0, 1.0]], device=DEVICE), 41, 2)
+    assert set(opcheck(torch.ops.lorafuse.lora_fixup.default, args, test_utils=checks).values()) == {"SUCCESS"}
