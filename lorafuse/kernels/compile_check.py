@@ -25,22 +25,46 @@ def _jit(kernel):
     return kernel
 
 
-def _compile(kernel, ptr_types: dict, constexprs: dict, arch: int, num_warps: int, num_stages: int):
+def _compile(kernel, ptr_types: dict, constexprs: dict, arch: int, num_warps: int, num_stages: int,
+             unit: tuple = (), aligned: tuple = ()):
+    """Compile like the JIT does for contiguous tensors at real shapes: pointers 16-byte aligned,
+    ``aligned`` integers divisible by 16 and ``unit`` strides specialised to 1. Without these hints
+    Triton cannot vectorise or pipeline the loads, and the shared-memory report is meaningless."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     fn = _jit(kernel)
-    signature = {}
-    for name in fn.arg_names:
+    constexprs = dict(constexprs, **{name: 1 for name in unit})
+    signature, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
         if name in constexprs:
             signature[name] = "constexpr"
-        elif name in ptr_types:
-            signature[name] = ptr_types[name]
-        else:
-            signature[name] = "i32"
-    src = ASTSource(fn, signature, constexprs)
+            continue
+        signature[name] = ptr_types.get(name, "i32")
+        if name in ptr_types or name in aligned:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn, signature, constexprs, attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def _resources(compiled) -> str:
+    """'REG:n STACK:b' from the cubin via the cuobjdump Triton ships (spills show up as STACK)."""
+    import os
+    import subprocess
+    import tempfile
+
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if "cubin" not in compiled.asm or not os.path.exists(tool):
+        return ""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+    fields = [w for line in out.splitlines() for w in line.split() if w.startswith(("REG:", "STACK:"))]
+    return " ".join(fields)
 
 
 # the most shared memory one block may use (opt-in maximum), by compute capability
@@ -48,7 +72,8 @@ SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 
 
 def variants(family: str):
-    """(label, kernel, ptr types, constexprs, [(warps, stages, tile kwargs), ...]) per kernel variant.
+    """(label, kernel, ptr types, constexprs, [(warps, stages, tile kwargs), ...], (unit, aligned))
+    per kernel variant.
 
     Tiled kernels list every config of ``family``'s table: the autotuner skips configs that run out of
     resources, so a variant passes when at least one of them compiles within the shared-memory limit.
@@ -67,19 +92,23 @@ def variants(family: str):
         const = dict(NUM_LORAS=loras, RANK_BLOCK=rank_block, HAS_BIAS=bias, GATED=gated, STATS=stats,
                      DOT_PRECISION="tf32", EVEN_K=False)
         yield (f"fused_lora_linear {dt} R={rank_block} L={loras} bias={bias} gated={gated} stats={stats}",
-               _fused_lora_linear_kernel, ptrs, const, gemm)
+               _fused_lora_linear_kernel, ptrs, const, gemm,
+               (("stride_xk", "stride_wk", "stride_ur", "stride_br", "stride_gl", "stride_yn"),
+                ("M", "N", "K", "stride_xm", "stride_wn", "stride_um", "stride_bn", "stride_ym")))
     for dt, block_r in itertools.product(("fp16", "bf16", "fp32"), (16, 128)):
         yield (f"lora_shrink {dt} BLOCK_R={block_r}", _lora_shrink_kernel,
                dict(x_ptr=_TY[dt], a_ptr=_TY[dt], u_ptr="*fp32"),
-               dict(BLOCK_R=block_r, DOT_PRECISION="tf32", EVEN_K=False), shrink)
+               dict(BLOCK_R=block_r, DOT_PRECISION="tf32", EVEN_K=False), shrink,
+               (("stride_xk", "stride_ak", "stride_ur"), ("M", "K", "R", "stride_xm", "stride_ar", "stride_um")))
     for dt in ("fp16", "bf16", "fp32"):
         yield (f"lora_fixup {dt} R=16", _lora_fixup_kernel,
                dict(y_ptr=_TY[dt], u_ptr="*fp32", b_ptr=_TY[dt], dg_ptr="*fp32"),
                dict(NUM_LORAS=2, RANK_BLOCK=16, DOT_PRECISION="tf32", BLOCK_M=FIXUP_BLOCK_M, BLOCK_N=FIXUP_BLOCK_N),
-               [(4, 2, {})])
+               [(4, 2, {})],
+               (("stride_yn", "stride_ur", "stride_br", "stride_gl"), ("M", "N", "stride_ym", "stride_um", "stride_bn")))
     yield ("reduce_lora_stats", _reduce_lora_stats_kernel,
            dict(part_ptr="*fp32", kl_ptr="*fp32", klr_ptr="*fp32", en_ptr="*fp32"),
-           dict(NUM_LORAS=2, BLOCK_M=REDUCE_BLOCK_M), [(4, 1, {})])
+           dict(NUM_LORAS=2, BLOCK_M=REDUCE_BLOCK_M), [(4, 1, {})], ((), ("M",)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,19 +120,21 @@ def main(argv: list[str] | None = None) -> int:
     for arch in args.arch:
         family = "hopper" if arch >= 90 else "ampere" if arch >= 80 else "older"
         limit = SHARED_LIMIT.get(arch, 49152)
-        for label, kernel, ptrs, const, configs in variants(family):
+        for label, kernel, ptrs, const, configs, (unit, aligned) in variants(family):
             if args.filter not in label:
                 continue
             notes = []
             for warps, stages, tile in configs:  # the first config that fits is enough
                 try:
-                    smem = _compile(kernel, ptrs, dict(const, **tile), arch, warps, stages).metadata.shared
+                    compiled = _compile(kernel, ptrs, dict(const, **tile), arch, warps, stages, unit, aligned)
+                    smem = compiled.metadata.shared
                 except Exception as exc:  # report every failing variant, not just the first
                     lines = str(exc).strip().splitlines()
                     notes.append(lines[-1] if lines else type(exc).__name__)
                     continue
                 if smem <= limit:
-                    print(f"ok   sm_{arch} {label}: {tile or ''} {warps} warps {stages} stages, shared {smem} B")
+                    print(f"ok   sm_{arch} {label}: {tile or ''} {warps} warps {stages} stages, shared {smem} B "
+                          f"{_resources(compiled)}")
                     break
                 notes.append(f"{tile} {stages} stages needs {smem} B shared > {limit}")
             else:
