@@ -1,0 +1,708 @@
+"""diffusers integration: ``accelerate_fusion(pipe, subject=..., style=..., method=...)``.
+
+Design (research/diffusers.md, option A): the PEFT ``lora.Linear`` layers stay in the module tree and
+get an *instance* ``forward`` that reads the live PEFT state on every call (active adapters,
+``scaling`` floats or 0-d tensors, the per-call ``scale`` diffusers applies by mutating ``scaling``,
+``disable_adapters``, ``merged``) and calls ``method.layer_forward`` with the layer's two LoRAs packed
+once (re-packed only when the scalings or the weights change; the check compares Python floats and
+tensor version counters on the host, no device sync). Anything the fused path does not cover falls
+back to PEFT's own forward, layer by layer, with one warning per reason.
+
+A forward pre-hook on each denoiser turns the timestep it receives into the progress ``tau`` in [0, 1]
+(0 = noisiest) and calls ``method.begin_step``; ``tau`` stays a device tensor when the timestep is one.
+
+diffusers and PEFT are imported lazily: importing this module needs neither.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+import weakref
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["FusionHandle", "FusionFallbackWarning", "accelerate_fusion", "remove_fusion"]
+
+_HANDLE_ATTR = "_lorafuse_fusion_handle"
+_DENOISER_NAMES = ("unet", "transformer", "transformer_2", "prior", "decoder")
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# reasons for which PEFT semantics are "base only" / user's explicit choice: no warning
+_SILENT = ("adapters disabled", "adapters merged")
+_MISSING = object()
+
+
+class FusionFallbackWarning(UserWarning):
+    """A patched layer ran PEFT's own forward instead of the fused path (one warning per reason)."""
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers
+# ------------------------------------------------------------------------------------------------
+def _peft_classes():
+    try:
+        from peft.tuners.lora.layer import LoraLayer
+    except ImportError as e:  # pragma: no cover - environment dependent
+        raise ImportError("lorafuse.accelerate_fusion needs `peft` (pip install peft)") from e
+    return LoraLayer
+
+
+def _find_denoisers(pipe) -> list[tuple[str, nn.Module]]:
+    if isinstance(pipe, nn.Module):
+        if getattr(pipe, "peft_config", None) is not None or any(
+            True for _ in _lora_layers(pipe, names=None, limit=1)
+        ):
+            return [(type(pipe).__name__, pipe)]
+        raise ValueError(
+            f"accelerate_fusion: {type(pipe).__name__} carries no PEFT LoRA adapters; load two with "
+            "pipe.load_lora_weights(..., adapter_name=...) first"
+        )
+    found = []
+    for name in _DENOISER_NAMES:
+        mod = getattr(pipe, name, None)
+        if isinstance(mod, nn.Module):
+            found.append((name, mod))
+    if not found:
+        raise ValueError(
+            f"accelerate_fusion: {type(pipe).__name__} has no supported denoiser (looked for the components "
+            f"{', '.join(_DENOISER_NAMES[:2])}); pass a diffusers pipeline with a UNet or a transformer"
+        )
+    return found
+
+
+def _lora_layers(model: nn.Module, names, limit=None):
+    """Yield (path, module) for PEFT LoRA layers of Linear kind (lora_A[a] is an nn.Linear)."""
+    LoraLayer = _peft_classes()
+    n = 0
+    for path, mod in model.named_modules():
+        if not isinstance(mod, LoraLayer):
+            continue
+        lora_a = getattr(mod, "lora_A", None)
+        if not isinstance(lora_a, nn.ModuleDict) or len(lora_a) == 0:
+            continue
+        if names is not None and not all(a in lora_a for a in names):
+            continue
+        if not all(isinstance(lora_a[a], nn.Linear) for a in (names or list(lora_a.keys()))):
+            continue  # conv LoRAs (kohya conv_dim) stay on PEFT
+        yield path, mod
+        n += 1
+        if limit is not None and n >= limit:
+            return
+
+
+def _execution_rank(path: str, denoiser: nn.Module) -> int:
+    """UNets register up_blocks before mid_block but run down -> mid -> up: order layers as they run
+    (the official counter mode's per-layer sub-step offset depends on the execution order)."""
+    first = path.split(".", 1)[0]
+    if type(denoiser).__name__.startswith("UNet"):
+        return {"down_blocks": 1, "mid_block": 2, "up_blocks": 3, "conv_norm_out": 4, "conv_out": 4}.get(first, 0)
+    return 0
+
+
+def _timestep_position(denoiser: nn.Module) -> int | None:
+    import inspect
+
+    try:
+        params = list(inspect.signature(denoiser.forward).parameters.values())
+    except (TypeError, ValueError):  # pragma: no cover
+        return None
+    for i, p in enumerate(params):
+        if p.name == "timestep":
+            return i
+    return None
+
+
+def _timestep_divisor(denoiser: nn.Module, scheduler) -> float:
+    """What the denoiser's ``timestep`` must be divided by to give the noise level u in [0, 1].
+
+    SD1.5/SDXL (UNet): t in [0, num_train_timesteps); SD3: sigma * 1000 (FlowMatch num_train_timesteps =
+    1000); FLUX: the pipeline already divides by 1000, so u = t."""
+    cls = type(denoiser).__name__
+    if "Flux" in cls or "Chroma" in cls:
+        return 1.0
+    cfg = getattr(scheduler, "config", None)
+    n = None
+    if cfg is not None:
+        n = cfg.get("num_train_timesteps", None) if hasattr(cfg, "get") else getattr(cfg, "num_train_timesteps", None)
+    return float(n) if n else 1000.0
+
+
+def _real_weight(linear: nn.Module) -> torch.Tensor:
+    """``linear.weight``, or under accelerate's sequential offload (weights on meta) the offloaded copy."""
+    w = linear.weight
+    if w.is_meta:
+        hook = getattr(linear, "_hf_hook", None)
+        wmap = getattr(hook, "weights_map", None)
+        if wmap is not None:
+            try:
+                return wmap["weight"]
+            except (KeyError, TypeError):
+                pass
+    return w
+
+
+def _scale_key(s):
+    if isinstance(s, torch.Tensor):
+        return (id(s), s._version)
+    return s
+
+
+def _compile_key(s):
+    # under torch.compile tensor scalings are trusted as packed (no version check inside the graph)
+    return "tensor" if isinstance(s, torch.Tensor) else s
+
+
+@torch._dynamo.disable
+def _pack_eager(h, rec, m, x):
+    return h._packed(rec, m, x)
+
+
+def _weight_key(w: torch.Tensor):
+    return (w._version, w.data_ptr(), w.dtype, w.device)
+
+
+class _Layer:
+    __slots__ = (
+        "index", "component", "path", "module", "forward", "cache", "ccache", "install_weights", "stale_warned",
+    )
+
+    def __init__(self, index, component, path, module):
+        self.index = index
+        self.component = component
+        self.path = path
+        self.module = module
+        self.forward = None
+        self.cache: dict = {}
+        self.ccache: dict = {}
+        self.install_weights = None
+        self.stale_warned = False
+
+
+# ------------------------------------------------------------------------------------------------
+# the handle
+# ------------------------------------------------------------------------------------------------
+class FusionHandle:
+    """What :func:`accelerate_fusion` installed; :meth:`remove` undoes it exactly (idempotent).
+
+    Attributes:
+        method: the :class:`~lorafuse.fusion.base.FusionMethod` driving the gates.
+        subject, style: the adapter names. backend: the kernel backend passed to the method.
+        layer_names: module paths of the patched layers, in method layer-index order.
+        fallbacks: reason -> number of layer calls that ran PEFT's own forward for that reason.
+        calls: denoiser calls seen since installation.
+    """
+
+    def __init__(self, pipe, denoisers, method, subject, style, backend, log_gates, scheduler, timestep_divisor):
+        self._denoisers = denoisers
+        self.method = method
+        self.subject = subject
+        self.style = style
+        self.backend = backend
+        self.log_gates = bool(log_gates)
+        self._scheduler = scheduler
+        self._timestep_divisor = timestep_divisor
+        self._layers: list[_Layer] = []
+        self._hooks = []
+        self._activated: list[tuple[Any, Any, Any]] = []  # (module, saved _active_adapter, list we set)
+        self.fallbacks: dict[str, int] = {}
+        self._warned: set[str] = set()
+        self._removed = False
+        self._started = False
+        self.calls = 0
+        self._run_step = 0
+        self._run_marker = None
+        self._call_info: dict[int, tuple[Any, Any]] = {}  # call -> (timestep (0-d), tau), while logging
+        self._raw_log: list[tuple] = []  # (layer, call, gates, stats, tau) of the current call, device tensors
+        self._batches: list[tuple] = []  # _raw_log of finished calls, stacked per field
+        self._log: list[dict] = []
+
+    # ---------------- public ----------------
+    @property
+    def active(self) -> bool:
+        return not self._removed
+
+    @property
+    def layer_names(self) -> list[str]:
+        return [r.path for r in self._layers]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self._layers)
+
+    @property
+    def gate_log(self) -> list[dict]:
+        """One dict per (layer, layer call inside a denoiser call), converted to Python lazily."""
+        if self._raw_log or self._batches:
+            self._flush_log()
+        return self._log
+
+    def clear_gate_log(self) -> None:
+        self._raw_log.clear()
+        self._batches.clear()
+        self._log.clear()
+        self._call_info.clear()
+
+    def plot_gates(self, path, *, which: str = "subject") -> None:
+        """Write a PNG heatmap, layers (rows) x denoiser calls (columns), of the ``which`` gate
+        (per-sample gates are averaged)."""
+        try:
+            from matplotlib.figure import Figure  # no pyplot: leaves the user's backend alone
+        except ImportError as e:
+            raise ImportError("FusionHandle.plot_gates needs matplotlib (pip install matplotlib)") from e
+        if which not in ("subject", "style"):
+            raise ValueError(f"plot_gates: which must be 'subject' or 'style', got {which!r}")
+        log = self.gate_log
+        if not log:
+            raise ValueError("plot_gates: the gate log is empty (run the pipeline with log_gates=True first)")
+        layers = sorted({e["layer_index"] for e in log})
+        calls = sorted({e["call"] for e in log})
+        li = {v: i for i, v in enumerate(layers)}
+        ci = {v: i for i, v in enumerate(calls)}
+        grid = torch.full((len(layers), len(calls)), float("nan"))
+        for e in log:
+            g = e[which]
+            grid[li[e["layer_index"]], ci[e["call"]]] = sum(g) / len(g) if isinstance(g, list) else g
+        fig = Figure(figsize=(max(4, 0.25 * len(calls) + 2), max(3, 0.12 * len(layers) + 1.5)))
+        ax = fig.subplots()
+        im = ax.imshow(grid.numpy(), aspect="auto", interpolation="nearest", cmap="coolwarm", vmin=0.0,
+                       vmax=max(1.0, float(torch.nan_to_num(grid, nan=0.0).max())))
+        ax.set_xlabel("denoiser call")
+        ax.set_ylabel("layer")
+        ax.set_title(f"{getattr(self.method, 'name', 'fusion')}: {which} gate")
+        fig.colorbar(im, ax=ax)
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+
+    def remove(self) -> None:
+        """Undo everything (instance forwards, hooks, active adapters). Idempotent; safe after
+        ``pipe.unload_lora_weights()`` / ``delete_adapters``."""
+        if self._removed:
+            return
+        self._removed = True
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        for rec in self._layers:
+            m = rec.module
+            if m.__dict__.get("forward") is rec.forward:
+                del m.__dict__["forward"]
+            elif getattr(m, "_old_forward", None) is rec.forward:  # an accelerate hook was added on top
+                m._old_forward = type(m).forward.__get__(m)
+        for m, saved, ours in self._activated:
+            if m.__dict__.get("_active_adapter") is ours:
+                if saved is _MISSING:
+                    del m.__dict__["_active_adapter"]
+                else:
+                    m._active_adapter = saved
+        self._activated.clear()
+        for _, d in self._denoisers:
+            if d.__dict__.get(_HANDLE_ATTR) is self:
+                del d.__dict__[_HANDLE_ATTR]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+
+    def __repr__(self):
+        state = "removed" if self._removed else "active"
+        return (f"FusionHandle({getattr(self.method, 'name', type(self.method).__name__)!r}, subject={self.subject!r}, "
+                f"style={self.style!r}, layers={len(self._layers)}, calls={self.calls}, {state})")
+
+    # ---------------- installation ----------------
+    def _install(self) -> None:
+        from ..fusion.base import LayerLoRAs
+
+        s, t = self.subject, self.style
+        LoraLayer = _peft_classes()
+        entries = []
+        for comp, d in self._denoisers:
+            for path, mod in _lora_layers(d, (s, t)):
+                entries.append((_execution_rank(path, d), len(entries), comp, path, mod))
+        if not entries:
+            raise ValueError(
+                f"accelerate_fusion: the adapters {s!r} and {t!r} target no common linear layer in "
+                f"{', '.join(c for c, _ in self._denoisers)}; nothing to fuse"
+            )
+        entries.sort(key=lambda e: (e[0], e[1]))
+        for comp, d in self._denoisers:  # activate both adapters everywhere in the denoiser, remember state
+            for _, mod in d.named_modules():
+                if isinstance(mod, LoraLayer) and (s in getattr(mod, "lora_A", {}) or t in getattr(mod, "lora_A", {})):
+                    cur = mod.active_adapters
+                    if list(cur) != [s, t]:
+                        ours = [s, t]
+                        saved = mod.__dict__.get("_active_adapter", _MISSING)
+                        mod._active_adapter = ours
+                        self._activated.append((mod, saved, ours))
+        loras = []
+        for i, (_, _, comp, path, mod) in enumerate(entries):
+            rec = _Layer(i, comp, path, mod)
+            self._layers.append(rec)
+            loras.append(LayerLoRAs(
+                name=f"{comp}.{path}",
+                subject=(_real_weight(mod.lora_A[s]), _real_weight(mod.lora_B[s]), mod.scaling[s]),
+                style=(_real_weight(mod.lora_A[t]), _real_weight(mod.lora_B[t]), mod.scaling[t]),
+            ))
+            rec.install_weights = self._weights_key(mod)
+        w0 = loras[0].subject[0]
+        device = None if w0.is_meta else w0.device
+        self.method.prepare(loras, device)
+        for rec in self._layers:
+            m = rec.module
+            w = m.get_base_layer().weight if hasattr(m, "get_base_layer") else None
+            if isinstance(w, torch.Tensor) and not w.is_meta and w.dtype in _KERNEL_DTYPES and (
+                    m.lora_A[s].weight.device == w.device):
+                self._packed(rec, m, w)  # pack once now (a compiled graph then finds it)
+            if "forward" in m.__dict__:
+                self._warn_once("layer already has an instance forward (another hook): left on PEFT")
+                continue
+            rec.forward = self._make_forward(rec)
+            m.forward = rec.forward
+        for comp, d in self._denoisers:
+            pos = _timestep_position(d)
+            self._hooks.append(d.register_forward_pre_hook(self._make_pre_hook(pos), with_kwargs=True))
+            d.__dict__[_HANDLE_ATTR] = self
+
+    def _weights_key(self, m):
+        s, t = self.subject, self.style
+        return (_weight_key(m.lora_A[s].weight), _weight_key(m.lora_B[s].weight),
+                _weight_key(m.lora_A[t].weight), _weight_key(m.lora_B[t].weight))
+
+    # ---------------- per denoiser call ----------------
+    def _make_pre_hook(self, pos):
+        from ..fusion.base import Progress
+
+        ref = weakref.ref(self)
+
+        # runs eagerly even inside a compiled region (module.compile() traces forward pre-hooks): host
+        # bookkeeping (counters, run detection, the method's own state) must not become guards; the
+        # cost is one graph break at the top of each denoiser call, none per layer.
+        @torch._dynamo.disable
+        def pre_hook(module, args, kwargs):
+            h = ref()
+            if h is None or h._removed:
+                return None
+            if "timestep" in kwargs:
+                ts = kwargs["timestep"]
+            elif pos is not None and len(args) > pos:
+                ts = args[pos]
+            else:
+                ts = None
+            if ts is None:
+                return None
+            div = h._timestep_divisor
+            if isinstance(ts, torch.Tensor):
+                t0 = ts.reshape(-1)[0].to(torch.float32) if ts.numel() else ts.new_zeros((), dtype=torch.float32)
+                tau = (1.0 - t0 / div).clamp(0.0, 1.0)
+            else:
+                t0 = float(ts)
+                tau = min(1.0, max(0.0, 1.0 - t0 / div))
+            sched = h._scheduler
+            marker = getattr(sched, "timesteps", None) if sched is not None else None
+            if marker is not h._run_marker:  # set_timesteps() ran: a new sampling run
+                h._run_marker = marker
+                h._run_step = 0
+            num_steps = getattr(sched, "num_inference_steps", None) if sched is not None else None
+            h.method.begin_step(Progress(tau=tau, step=h._run_step, num_steps=num_steps, timestep=ts))
+            if h.log_gates:
+                h._compact()
+                h._call_info[h.calls] = (t0, tau)
+            h._run_step += 1
+            h.calls += 1
+            h._started = True
+            return None
+
+        return pre_hook
+
+    # ---------------- per layer call ----------------
+    def _make_forward(self, rec: _Layer):
+        ref = weakref.ref(self)
+        m = rec.module
+        cls_forward = type(m).forward
+
+        def forward(x, *args, **kwargs):
+            h = ref()
+            if h is None or h._removed:
+                return cls_forward(m, x, *args, **kwargs)
+            if torch.compiler.is_compiling():  # traced: no host bookkeeping, no graph breaks
+                if h._check(m, x, args, kwargs) is not None:
+                    return cls_forward(m, x, *args, **kwargs)
+                packed = rec.ccache.get((_compile_key(m.scaling[h.subject]), _compile_key(m.scaling[h.style]),
+                                         x.dtype))
+                if packed is None:
+                    packed = _pack_eager(h, rec, m, x)
+                base = m.get_base_layer()
+                return h.method.layer_forward(rec.index, x, base.weight, base.bias, packed, backend=h.backend)
+            reason = h._check(m, x, args, kwargs)
+            if reason is not None:
+                h._fallback(reason)
+                return cls_forward(m, x, *args, **kwargs)
+            packed = h._packed(rec, m, x)
+            base = m.get_base_layer()
+            y = h.method.layer_forward(rec.index, x, base.weight, base.bias, packed, backend=h.backend)
+            if h.log_gates:
+                h._record(rec.index)
+            return y
+
+        return forward
+
+    def _check(self, m, x, args, kwargs):
+        """Why this call cannot take the fused path (None: it can). Host-side checks only."""
+        if args or kwargs:
+            return "adapter_names= (mixed-batch) call" if "adapter_names" in kwargs else "extra forward arguments"
+        if m.disable_adapters:
+            return "adapters disabled"
+        if m.merged:
+            return "adapters merged"
+        if not self._started:
+            return "called outside a denoiser call (no timestep yet)"
+        s, t = self.subject, self.style
+        lora_a = m.lora_A
+        if s not in lora_a or t not in lora_a:
+            return "adapter deleted from the layer"
+        act = [a for a in m.active_adapters if a in lora_a]
+        if len(act) != 2 or s not in act or t not in act:
+            return "not exactly the two fused adapters active (set_adapters changed)"
+        variants = getattr(m, "lora_variant", None)
+        if variants and (s in variants or t in variants):
+            return "DoRA or another LoRA variant"
+        lb = getattr(m, "lora_bias", None)
+        if lb and (lb.get(s, False) or lb.get(t, False)):
+            return "LoRA bias"
+        base = m.get_base_layer()
+        if type(base) is not nn.Linear:
+            return "base layer is not a plain nn.Linear (quantized or wrapped)"
+        w = base.weight
+        dev = x.device
+        if w.device != dev:
+            return "weights on meta or another device (offload)"
+        if x.dtype not in _KERNEL_DTYPES:
+            return f"unsupported compute dtype {x.dtype}"
+        if w.dtype != x.dtype or (base.bias is not None and base.bias.dtype != x.dtype):
+            return "storage dtype differs from compute dtype (layerwise casting)"
+        A_s, B_s, A_t, B_t = m.lora_A[s].weight, m.lora_B[s].weight, m.lora_A[t].weight, m.lora_B[t].weight
+        if A_s.device != dev or B_s.device != dev or A_t.device != dev or B_t.device != dev:
+            return "weights on meta or another device (offload)"
+        if m.training:
+            for a in (s, t):
+                d = m.lora_dropout[a]
+                if isinstance(d, nn.Dropout) and d.p > 0:
+                    return "LoRA dropout in training mode"
+        if torch.is_grad_enabled() and (
+            x.requires_grad or A_s.requires_grad or B_s.requires_grad or A_t.requires_grad or B_t.requires_grad
+            or w.requires_grad
+        ):
+            return "autograd enabled with trainable weights"
+        return None
+
+    def _fallback(self, reason: str) -> None:
+        self.fallbacks[reason] = self.fallbacks.get(reason, 0) + 1
+        if reason not in _SILENT:
+            self._warn_once(reason)
+
+    def _warn_once(self, reason: str) -> None:
+        if reason in self._warned:
+            return
+        self._warned.add(reason)
+        warnings.warn(f"lorafuse: falling back to PEFT's forward: {reason} (warned once per reason)",
+                      FusionFallbackWarning, stacklevel=4)
+
+    def _packed(self, rec: _Layer, m, x):
+        from ..kernels import PackedLoRA
+
+        s, t = self.subject, self.style
+        A_s, B_s, A_t, B_t = m.lora_A[s].weight, m.lora_B[s].weight, m.lora_A[t].weight, m.lora_B[t].weight
+        sc_s, sc_t = m.scaling[s], m.scaling[t]
+        wkey = (_weight_key(A_s), _weight_key(B_s), _weight_key(A_t), _weight_key(B_t))
+        key = (_scale_key(sc_s), _scale_key(sc_t), wkey, x.dtype, x.device)
+        packed = rec.cache.get(key)
+        if packed is not None:
+            return packed
+        if wkey != rec.install_weights and not rec.stale_warned:
+            rec.stale_warned = True
+            self._warn_once("LoRA weights changed after accelerate_fusion (hotswap?): the method's static "
+                            "per-layer scores are stale; call accelerate_fusion again")
+        with torch.no_grad():
+            packed = PackedLoRA.pack([(A_s, B_s, sc_s), (A_t, B_t, sc_t)], dtype=x.dtype, device=x.device)
+        if len(rec.cache) >= 4:  # per-call `scale` alternates scalings: keep a few
+            rec.cache.pop(next(iter(rec.cache)))
+        rec.cache[key] = packed
+        if len(rec.ccache) >= 4:
+            rec.ccache.pop(next(iter(rec.ccache)))
+        rec.ccache[(_compile_key(sc_s), _compile_key(sc_t), x.dtype)] = packed
+        return packed
+
+    # ---------------- logging ----------------
+    def _record(self, index: int) -> None:
+        d = self.method.last_decision(index)
+        g = d.gates.detach().clone() if isinstance(d.gates, torch.Tensor) else torch.as_tensor(d.gates)
+        stats = {k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in (d.stats or {}).items()}
+        tau = d.tau.detach().clone() if isinstance(d.tau, torch.Tensor) else d.tau
+        self._raw_log.append((index, self.calls - 1, g, stats, tau))
+
+    def _compact(self) -> None:
+        """Stack the pending per-layer records of one denoiser call into one tensor per field (device
+        ops only, no sync): bounded memory and one host copy per field when the log is read."""
+        pend = self._raw_log
+        if not pend:
+            return
+        self._raw_log = []
+
+        def stack(values):
+            if values and all(isinstance(v, torch.Tensor) for v in values) and len(
+                    {(v.shape, v.dtype, v.device) for v in values}) == 1:
+                return torch.stack(values)
+            return list(values)
+
+        keys: list[str] = []
+        for p in pend:
+            keys.extend(k for k in p[3] if k not in keys)
+        self._batches.append((
+            [p[0] for p in pend], [p[1] for p in pend], stack([p[2] for p in pend]),
+            {k: stack([p[3].get(k) for p in pend]) for k in keys}, stack([p[4] for p in pend]),
+        ))
+
+    def _flush_log(self) -> None:
+        self._compact()
+        per_sample = bool(getattr(self.method, "dynamic", False))
+
+        def rows(v, n):
+            if isinstance(v, torch.Tensor):
+                v = v.detach().cpu()
+                return [r.item() if r.numel() == 1 else r.tolist() for r in v] if n else []
+            return [_to_py(x) for x in v]
+
+        for idx, calls, gates, stats, taus in self._batches:
+            n = len(idx)
+            g_rows = [torch.as_tensor(g).float().reshape(-1, 2) for g in
+                      (gates.detach().cpu().unbind(0) if isinstance(gates, torch.Tensor) else gates)]
+            stat_rows = {k: rows(v, n) for k, v in stats.items()}
+            tau_rows = rows(taus, n)
+            for j in range(n):
+                index, call, g = idx[j], calls[j], g_rows[j]
+                rec = self._layers[index]
+                t0, tau = self._call_info.get(call, (None, None))
+                if per_sample:
+                    subj, sty = g[:, 0].tolist(), g[:, 1].tolist()
+                else:
+                    subj, sty = float(g[0, 0]), float(g[0, 1])
+                entry = {
+                    "layer": rec.path,
+                    "component": rec.component,
+                    "layer_index": index,
+                    "call": call,
+                    "timestep": _to_py(t0),
+                    "tau": _to_py(tau),
+                    "subject": subj,
+                    "style": sty,
+                }
+                if tau_rows[j] is not None:
+                    entry["method_tau"] = tau_rows[j]
+                for k, v in stat_rows.items():
+                    if v[j] is not None:
+                        entry.setdefault(k, v[j])
+                self._log.append(entry)
+        self._batches.clear()
+
+
+def _to_py(v):
+    if isinstance(v, torch.Tensor):
+        v = v.detach().cpu()
+        return v.item() if v.numel() == 1 else v.tolist()
+    return v
+
+
+# ------------------------------------------------------------------------------------------------
+# entry points
+# ------------------------------------------------------------------------------------------------
+def accelerate_fusion(
+    pipe,
+    subject: str,
+    style: str,
+    method: Any = "klora",
+    *,
+    backend: str = "auto",
+    log_gates: bool = True,
+    timestep_divisor: float | None = None,
+    **method_options,
+) -> FusionHandle:
+    """Fuse the LoRA adapters ``subject`` and ``style`` of a diffusers pipeline with a fusion method.
+
+    Args:
+        pipe: a diffusers pipeline (its ``unet`` / ``transformer`` are patched; text encoders stay on
+            PEFT) or a denoiser module itself.
+        subject, style: adapter names given to ``pipe.load_lora_weights(..., adapter_name=...)``.
+        method: "klora", "est", "kl", "merge" (see :func:`lorafuse.fusion.get_method`) or a
+            :class:`~lorafuse.fusion.base.FusionMethod` instance.
+        backend: kernel backend for the method ("auto", "torch", "triton").
+        log_gates: record every decision in :attr:`FusionHandle.gate_log` (small device copies per
+            layer call, converted when read).
+        timestep_divisor: override what the denoiser's ``timestep`` is divided by to get the noise
+            level (default: scheduler ``num_train_timesteps``; 1 for FLUX, whose pipeline passes t/1000).
+        **method_options: passed to ``get_method`` (pattern, alpha, beta, D, official mode, ...).
+
+    Returns a :class:`FusionHandle`; ``handle.remove()`` or :func:`remove_fusion` undo everything.
+    Calling again on the same pipeline replaces the previous installation.
+    """
+    if not isinstance(subject, str) or not isinstance(style, str):
+        raise TypeError("accelerate_fusion: subject and style must be adapter names (str)")
+    denoisers = _find_denoisers(pipe)
+    remove_fusion(pipe)  # replace a previous installation
+    loaded: list[str] = []
+    for _, d in denoisers:
+        for name in (getattr(d, "peft_config", None) or {}):
+            if name not in loaded:
+                loaded.append(name)
+    if len(loaded) < 2:
+        raise ValueError(
+            f"accelerate_fusion needs two LoRA adapters loaded in the denoiser, found {len(loaded)}: {loaded}; "
+            "load them with pipe.load_lora_weights(..., adapter_name=...)"
+        )
+    for role, name in (("subject", subject), ("style", style)):
+        if name not in loaded:
+            raise ValueError(f"accelerate_fusion: {role} adapter {name!r} is not loaded; loaded adapters: {loaded}")
+    if subject == style:
+        raise ValueError(f"accelerate_fusion: subject and style must be two different adapters, got {subject!r} twice")
+    denoisers = [(c, d) for c, d in denoisers if subject in (getattr(d, "peft_config", None) or {})
+                 or style in (getattr(d, "peft_config", None) or {})]
+    if isinstance(method, str):
+        from ..fusion import get_method
+
+        fusion_method = get_method(method, **method_options)
+    else:
+        from ..fusion.base import FusionMethod
+
+        if not isinstance(method, FusionMethod):
+            raise TypeError(f"accelerate_fusion: method must be a name or a FusionMethod, got {type(method).__name__}")
+        if method_options:
+            raise TypeError(f"accelerate_fusion: options {sorted(method_options)} given with a FusionMethod instance")
+        fusion_method = method
+    scheduler = None if isinstance(pipe, nn.Module) else getattr(pipe, "scheduler", None)
+    div = float(timestep_divisor) if timestep_divisor is not None else _timestep_divisor(denoisers[0][1], scheduler)
+    if not (div > 0 and math.isfinite(div)):
+        raise ValueError(f"accelerate_fusion: timestep_divisor must be a positive number, got {timestep_divisor}")
+    handle = FusionHandle(pipe, denoisers, fusion_method, subject, style, backend, log_gates, scheduler, div)
+    try:
+        handle._install()
+    except BaseException:
+        handle.remove()
+        raise
+    return handle
+
+
+def remove_fusion(pipe) -> bool:
+    """Remove what :func:`accelerate_fusion` installed on ``pipe`` (True if something was removed)."""
+    try:
+        denoisers = _find_denoisers(pipe) if not isinstance(pipe, nn.Module) else [("", pipe)]
+    except ValueError:
+        return False
+    removed = False
+    for _, d in denoisers:
+        h = d.__dict__.get(_HANDLE_ATTR)
+        if h is not None:
+            h.remove()
+            removed = True
+    return removed

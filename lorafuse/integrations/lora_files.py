@@ -1,0 +1,199 @@
+"""LoRA files for downstream libraries: read a subject and a style LoRA without a pipeline.
+
+``load_lora_pair(subject_file, style_file)`` returns, for each file, ``{module path: (A, B, scale)}``
+keyed by the denoiser's diffusers module path (``down_blocks.1.attentions.0...attn1.to_q``), with
+A (r, in), B (out, r) and ``scale = alpha / r`` (1.0 without an alpha): the delta the file means is
+``scale * B @ A``. Key formats are converted by diffusers' own converters (the family's
+``LoraLoaderMixin.lora_state_dict`` and ``convert_unet_state_dict_to_peft``), not re-implemented:
+diffusers/PEFT keys, old attention-processor keys, kohya ``lora_unet_*`` keys with ``.alpha``
+(SDXL's SGM block names need the UNet config), and FLUX kohya keys. Text-encoder keys are dropped:
+they run once per prompt, on PEFT.
+
+Bad files get a ValueError naming the file (and the key): missing, not safetensors, corrupt header,
+no LoRA keys of a known format, NaN/inf weights, A/B shapes that disagree.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import NamedTuple
+
+import torch
+
+LoRATriple = tuple  # (A: (r, in), B: (out, r), scale: float)
+
+FAMILIES = ("sd", "sdxl", "sd3", "flux")
+_DENOISER_PREFIX = {"sd": "unet.", "sdxl": "unet.", "sd3": "transformer.", "flux": "transformer."}
+
+
+class LoRAPair(NamedTuple):
+    """``subject`` and ``style``: {diffusers module path: (A, B, scale)} of the denoiser."""
+
+    subject: dict
+    style: dict
+
+    def common(self) -> list[str]:
+        """Module paths both LoRAs target, in the subject file's order."""
+        return [path for path in self.subject if path in self.style]
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file, with errors that name the file (and the key)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"LoRA file {path!r} does not exist")
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+        raise ValueError(f"LoRA file {path!r} is not a readable safetensors file: {exc}") from None
+    for key, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"LoRA file {path!r}: tensor {key!r} contains NaN or inf")
+    return tensors
+
+
+def detect_format(keys, path: str = "<dict>") -> str:
+    """'kohya', 'kohya-flux', 'peft' (diffusers/PEFT ``lora_A/lora_B``) or 'attn-procs' (old diffusers)."""
+    keys = list(keys)
+    if any(k.startswith(("lora_unet_double_blocks", "lora_unet_single_blocks")) for k in keys):
+        return "kohya-flux"
+    if any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for k in keys):
+        return "kohya"
+    if any(".lora_A." in k or ".lora_B." in k for k in keys):
+        return "peft"
+    if any(".lora.down." in k or "_lora.down." in k or ".lora_linear_layer." in k for k in keys):
+        return "attn-procs"
+    example = keys[0] if keys else "(no keys)"
+    raise ValueError(
+        f"LoRA file {path!r}: keys of no known LoRA format (diffusers/PEFT lora_A/lora_B, kohya "
+        f"lora_unet_*.lora_down/lora_up, diffusers attention processors), e.g. {example!r}"
+    )
+
+
+def _family_of(fmt: str, keys, family: str | None) -> str:
+    if family is not None:
+        if family not in FAMILIES:
+            raise ValueError(f"load_lora_pair: family must be one of {FAMILIES}, got {family!r}")
+        return family
+    if fmt == "kohya-flux":
+        return "flux"
+    if any(k.startswith("lora_unet_input_blocks") or k.startswith("lora_te2_") for k in keys):
+        return "sdxl"
+    if any(k.startswith("transformer.") for k in keys):
+        return "flux"
+    return "sd"
+
+
+def _loader(family: str):
+    from diffusers.loaders import lora_pipeline as lp
+
+    return {
+        "sd": lp.StableDiffusionLoraLoaderMixin,
+        "sdxl": lp.StableDiffusionXLLoraLoaderMixin,
+        "sd3": lp.SD3LoraLoaderMixin,
+        "flux": lp.FluxLoraLoaderMixin,
+    }[family]
+
+
+def load_lora_layers(
+    path: str | os.PathLike, *, family: str | None = None, unet_config: dict | None = None
+) -> dict[str, LoRATriple]:
+    """One LoRA file -> {denoiser module path: (A, B, scale)} (see the module docstring)."""
+    from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
+
+    path = os.fspath(path)
+    tensors = read_safetensors(path)
+    fmt = detect_format(tensors, path)
+    family = _family_of(fmt, tensors, family)
+    kwargs = {"unet_config": unet_config} if family == "sdxl" and unet_config is not None else {}
+    if family == "sdxl" and fmt == "kohya" and unet_config is None and any("input_blocks" in k for k in tensors):
+        raise ValueError(f"LoRA file {path!r}: SDXL kohya keys (SGM block names) need unet_config=pipe.unet.config")
+    try:
+        out = _loader(family).lora_state_dict(dict(tensors), **kwargs)
+    except Exception as exc:  # diffusers' converters raise many types; name the file
+        raise ValueError(f"LoRA file {path!r}: diffusers could not convert it as a {family} LoRA: {exc}") from None
+    state, alphas = (out[0], out[1]) if isinstance(out, tuple) else (out, None)
+    prefix = _DENOISER_PREFIX[family]
+    alphas = alphas or {}
+    # alphas are keyed by the down weight's (pre-PEFT) name + ".alpha", or "<module>.alpha"
+    rename = {k[len(prefix):]: k for k in state if k.startswith(prefix)}
+    peft_state = convert_unet_state_dict_to_peft({k: state[full] for k, full in rename.items()})
+    alpha_of = {}
+    for key, value in alphas.items():
+        if not key.startswith(prefix):
+            continue
+        stem = key[len(prefix):].removesuffix(".alpha")
+        converted = next(iter(convert_unet_state_dict_to_peft({stem: None})))
+        alpha_of[converted.split(".lora_A")[0].removesuffix(".weight")] = float(value)
+    for key, value in tensors.items():  # plain diffusers files may carry "<module>.alpha" tensors
+        if key.startswith(prefix) and key.endswith(".alpha") and value.numel() == 1:
+            alpha_of.setdefault(key[len(prefix):].removesuffix(".alpha"), float(value))
+
+    layers: dict[str, LoRATriple] = {}
+    for key, A in peft_state.items():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        module = key[: -len(".lora_A.weight")]
+        B = peft_state.get(f"{module}.lora_B.weight")
+        if B is None:
+            raise ValueError(f"LoRA file {path!r}: {module!r} has a down (A) matrix but no up (B) matrix")
+        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
+            raise ValueError(
+                f"LoRA file {path!r}: {module!r} has A {tuple(A.shape)} and B {tuple(B.shape)}; expected (r, in) and (out, r)"
+            )
+        rank = A.shape[0]
+        alpha = alpha_of.get(module)
+        scale = 1.0 if alpha is None else alpha / rank
+        if not math.isfinite(scale):
+            raise ValueError(f"LoRA file {path!r}: {module!r} has a non-finite alpha")
+        layers[module] = (A, B, scale)
+    if not layers:
+        raise ValueError(f"LoRA file {path!r}: no {family} denoiser layers (keys under {prefix!r}) in it")
+    return layers
+
+
+def load_lora_pair(
+    subject_file: str | os.PathLike,
+    style_file: str | os.PathLike,
+    *,
+    family: str | None = None,
+    unet_config: dict | None = None,
+) -> LoRAPair:
+    """Read a subject and a style LoRA: ``LoRAPair(subject={path: (A, B, scale)}, style={...})``.
+
+    ``family`` ("sd", "sdxl", "sd3", "flux") is guessed from the keys when None. Raises ValueError
+    (naming the file) for bad files and when the two LoRAs target no common layer.
+    """
+    pair = LoRAPair(
+        load_lora_layers(subject_file, family=family, unet_config=unet_config),
+        load_lora_layers(style_file, family=family, unet_config=unet_config),
+    )
+    if not pair.common():
+        raise ValueError(
+            f"LoRA files {os.fspath(subject_file)!r} and {os.fspath(style_file)!r} target no common layer "
+            f"(e.g. {next(iter(pair.subject))!r} vs {next(iter(pair.style))!r})"
+        )
+    return pair
+
+
+def check_against_model(layers: dict[str, LoRATriple], model: torch.nn.Module, path: str = "<LoRA>") -> None:
+    """Every layer must exist in ``model`` as a linear with matching in/out features (all or nothing)."""
+    modules = dict(model.named_modules())
+    missing = [name for name in layers if name not in modules]
+    if len(missing) == len(layers):
+        raise ValueError(f"LoRA {path!r} targets none of the model's layers (e.g. {missing[0]!r})")
+    for name, (A, B, _) in layers.items():
+        mod = modules.get(name)
+        if mod is None:
+            raise ValueError(f"LoRA {path!r}: layer {name!r} is not in the model")
+        base = getattr(mod, "base_layer", mod)
+        weight = getattr(base, "weight", None)
+        if weight is None or weight.dim() != 2 or tuple(weight.shape) != (B.shape[0], A.shape[1]):
+            shape = tuple(weight.shape) if weight is not None else None
+            raise ValueError(
+                f"LoRA {path!r}: layer {name!r} has weight {shape}, the LoRA needs ({B.shape[0]}, {A.shape[1]})"
+            )

@@ -1,0 +1,63 @@
+"""Smoke test of the benchmarks: every provider runs on a tiny layer and computes the same function
+(against an fp64 reference), so a benchmark cannot silently time wrong code. One round, no timing
+assertions (speed never decides pass/fail)."""
+
+import csv
+
+import pytest
+import torch
+
+from benchmarks import providers as P
+from benchmarks import run as R
+from lorafuse.kernels._common import HAS_TRITON, interpreter_active
+
+from .conftest import DEVICE
+
+TINY = dict(M=64, K=64, N=64)
+TOL = {torch.float32: 1e-5, torch.float16: 5e-3}
+
+
+def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y.detach().cpu().double() - ref).norm() / ref.norm())
+
+
+@pytest.mark.parametrize("gates", [R.GATES["both"], R.GATES["onehot"], (0.0, 1.0)], ids=["both", "subject", "style"])
+@pytest.mark.parametrize("rank", [4, 13])
+def test_every_provider_matches_reference(rank, gates):
+    dtype = torch.float16 if DEVICE == "cuda" else torch.float32
+    layer = P.make_layer(P.Case(**TINY, rank=rank, dtype=dtype, gates=gates), DEVICE)
+    ref = P.reference(layer)
+    for name in P.PROVIDERS:
+        fn = P.build(name, layer)
+        y = fn()
+        assert y.shape == (TINY["M"], TINY["N"]) and y.dtype == dtype, name
+        assert _rel(y, ref) < TOL[dtype], name
+        assert _rel(fn(), ref) < TOL[dtype], f"{name}: second call differs"  # scratch / in-place state
+
+
+@pytest.mark.skipif(not HAS_TRITON or (DEVICE == "cpu" and not interpreter_active()), reason="needs Triton")
+def test_lorafuse_providers_on_the_triton_path():
+    """The GPU benchmark times the Triton kernels: run those providers through them (interpreter on CPU)."""
+    layer = P.make_layer(P.Case(**TINY, rank=8, dtype=torch.float32), DEVICE)
+    ref = P.reference(layer)
+    for name in ("lorafuse_static", "lorafuse_kl"):
+        assert _rel(P.build(name, layer, backend="triton")(), ref) < 1e-3, name
+
+
+def test_run_main_writes_csv_and_plot(tmp_path):
+    out = tmp_path / "r.csv"
+    argv = ["--device", "cpu", "--shapes", "64x64x48", "--ranks", "8", "--gates", "both,onehot", "--rounds", "1",
+            "--csv", str(out), "--probe-copy-mb", "8", "--probe-gemm-n", "128"]
+    try:
+        import matplotlib  # noqa: F401
+
+        argv += ["--plot", "--plot-dir", str(tmp_path / "plots")]
+    except ImportError:
+        pass
+    assert R.main(argv) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert {r["provider"] for r in rows} == set(P.PROVIDERS) | {"F.linear_repeat"}
+    assert len(rows) == 2 * (len(P.PROVIDERS) + 1)
+    assert all(float(r["rel_err"]) < 1e-5 and float(r["median_ms"]) > 0 for r in rows)
+    if "--plot" in argv:
+        assert len(list((tmp_path / "plots").glob("*.png"))) == 2
