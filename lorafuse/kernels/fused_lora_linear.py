@@ -63,11 +63,13 @@ def fused_lora_linear_torch(
     concatenated A, gates applied to U's columns, one in-place addmm_ expand.
 
     x (M, K), gates (G, L) fp32 or None. With per-layer gates held on the CPU, LoRAs gated to exactly
-    zero are skipped (reading a CPU tensor is no device sync), so a K-LoRA layer pays for one LoRA.
+    zero are skipped in eager mode (reading a CPU tensor is no device sync), so a K-LoRA layer pays for
+    one LoRA; under torch.compile every LoRA runs with its gate instead of breaking the graph.
     """
     y = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
     a, b, owner = packed.a_compact, packed.b_compact, packed.compact_lora
-    if gates is not None and gates.shape[0] == 1 and gates.device.type == "cpu":
+    skip_zero = gates is not None and gates.shape[0] == 1 and gates.device.type == "cpu"
+    if skip_zero and not torch.compiler.is_compiling():  # .tolist() would break a compiled graph
         active = [i for i, v in enumerate(gates[0].tolist()) if v != 0.0]
         if not active:
             return y
