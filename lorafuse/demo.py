@@ -1,93 +1,256 @@
-"""``lorafuse demo``: the fused kernel on one random attention-sized layer with a subject and a style
-LoRA. Prints, per backend, the error against an fp64 reference and the time per call, next to
-``F.linear`` alone and a PEFT-style unfused forward (one base GEMM plus two matmuls per adapter).
+"""``lorafuse demo``: the main job on an embedded tiny pipeline, offline, in well under a minute on a CPU.
 
-On a CUDA machine the Triton kernels run natively; on a CPU the torch backend runs, and the Triton
-kernels run too when ``TRITON_INTERPRET=1`` is set (through the interpreter: correct but slow, so the
-layer is smaller there).
+1. Build a small SD1.5-style pipeline with random weights (no downloads).
+2. Write a subject LoRA (rank 4) and a style LoRA (rank 16) as diffusers-format safetensors and load
+   them with ``pipe.load_lora_weights(file, adapter_name=...)``, as a user would.
+3. Run PEFT eager with both adapters active (the baseline, and the merge method's reference), then
+   each fusion method through :func:`lorafuse.accelerate_fusion`, and replay every fused run's gate
+   log through PEFT's own forward (:class:`~lorafuse.integrations.replay.GateReplay`): the fused
+   output must equal what PEFT computes for the same per-layer decisions.
+4. Print a table (time per denoiser step vs PEFT eager, max |difference| vs the reference, layers
+   fused / fallback calls, gate summary) and write the images, a gate heatmap per method and
+   ``report.json`` into ``--out`` (default ``./lorafuse-demo/``).
+
+Time per denoiser step is the median wall time of the denoiser's forward over the run's steps after
+the first (hooks around the UNet call; CUDA is synchronised).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import datetime
+import json
+import platform
 import statistics
 import time
+import warnings
+from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from .kernels import PackedLoRA, fused_lora_linear
-from .kernels._common import HAS_TRITON, interpreter_active
+METHODS = ("merge", "klora", "est", "kl")
+SUBJECT, STYLE = "subject", "style"
+PROMPT = "a photo of sks dog in watercolor style"
 
 
-def _time(fn, device: torch.device, rounds: int) -> float:
-    """Median seconds per call over ``rounds`` timed calls after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(rounds):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def _quiet_libraries() -> None:
+    """diffusers/transformers log config deprecations and optional-dependency notes on every build."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    dlog.set_verbosity_error()
+    tlog.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+class StepTimer:
+    """Wall time of every forward of ``module`` (pre/post hooks), CUDA synchronised."""
+
+    def __init__(self, module: torch.nn.Module, device: torch.device):
+        self.times: list[float] = []
+        self._sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self._t0 = 0.0
+        self._hooks = [module.register_forward_pre_hook(self._pre), module.register_forward_hook(self._post)]
+
+    def _pre(self, module, args):
+        self._sync()
+        self._t0 = time.perf_counter()
+
+    def _post(self, module, args, output):
+        self._sync()
+        self.times.append(time.perf_counter() - self._t0)
+
+    def per_step(self) -> float:
+        """Median seconds per denoiser call, the first (warm-up) call left out when there are more."""
+        times = self.times[1:] if len(self.times) > 1 else self.times
+        return statistics.median(times)
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+
+
+def write_loras(pipe, folder: Path, ranks=(4, 16)) -> tuple[Path, Path]:
+    """Two random LoRAs on every attention projection of the UNet, diffusers/PEFT key format."""
+    from safetensors.torch import save_file
+
+    from .integrations.tiny import lora_state_dict
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, rank, seed, scale in ((SUBJECT, ranks[0], 1, 0.10), (STYLE, ranks[1], 2, 0.06)):
+        path = folder / f"{name}.safetensors"
+        save_file(lora_state_dict(pipe.unet, "unet", rank, seed=seed, scale=scale), str(path))
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+def gate_summary(log: list[dict]) -> dict:
+    """Share of layer calls where the subject acts, overall and per denoiser call (per-sample gates
+    count by their mean), and how many layers switch adapter at least once."""
+    if not log:
+        return {"subject_share": None, "subject_share_by_step": [], "layers_switching": 0}
+    by_call: dict[int, list[float]] = {}
+    by_layer: dict[int, set] = {}
+    for e in log:
+        g = e["subject"]
+        g = sum(g) / len(g) if isinstance(g, list) else float(g)
+        by_call.setdefault(e["call"], []).append(g)
+        by_layer.setdefault(e["layer_index"], set()).add(round(g, 6))
+    share = [sum(v) / len(v) for _, v in sorted(by_call.items())]
+    every = [g for v in by_call.values() for g in v]
+    return {
+        "subject_share": sum(every) / len(every),
+        "subject_share_by_step": [round(s, 4) for s in share],
+        "layers_switching": sum(len(v) > 1 for v in by_layer.values()),
+    }
+
+
+def _summary_text(method: str, s: dict) -> str:
+    if s["subject_share"] is None:
+        return "-"
+    if method == "merge":
+        return "both adapters, weight 1 each"
+    steps = s["subject_share_by_step"]
+    return (f"subject {100 * s['subject_share']:.0f}% of layer calls "
+            f"(step 1: {100 * steps[0]:.0f}%, last: {100 * steps[-1]:.0f}%), {s['layers_switching']} layers switch")
+
+
+def _save_image(pipe, latents: torch.Tensor, path: Path) -> None:
+    with torch.no_grad():
+        image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
+    pipe.image_processor.postprocess(image.float(), output_type="pil")[0].save(path)
+
+
+def run_demo(
+    out: Path,
+    *,
+    tiny: bool = False,
+    steps: int | None = None,
+    methods=METHODS,
+    device: str | None = None,
+    backend: str = "auto",
+    progress: bool = True,
+) -> dict:
+    """Run the demo and return the report (also written to ``out / "report.json"``)."""
+    from . import accelerate_fusion
+    from .integrations.replay import GateReplay
+    from .integrations.tiny import sd15_pipeline
+
+    _quiet_libraries()
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("lorafuse demo: --device cuda but no CUDA GPU is available")
+    dtype = torch.float16 if dev.type == "cuda" else torch.float32
+    size = "tiny" if tiny else "small"
+    steps = steps or (3 if tiny else 10)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    t_start = time.perf_counter()
+    pipe = sd15_pipeline(size).to(dev, dtype)
+    subject_file, style_file = write_loras(pipe, out / "loras")
+    pipe.load_lora_weights(str(subject_file), adapter_name=SUBJECT)
+    pipe.load_lora_weights(str(style_file), adapter_name=STYLE)
+    pipe.set_adapters([SUBJECT, STYLE], [1.0, 1.0])
+
+    def generate(desc: str) -> tuple[torch.Tensor, float]:
+        pipe.set_progress_bar_config(disable=not progress, desc=f"{desc:>14s}", leave=False)
+        timer = StepTimer(pipe.unet, dev)
+        try:
+            with torch.no_grad():
+                latents = pipe(prompt=PROMPT, num_inference_steps=steps, guidance_scale=7.5, height=32, width=32,
+                               output_type="latent", generator=torch.Generator().manual_seed(0)).images
+        finally:
+            timer.remove()
+        return latents, timer.per_step()
+
+    peft_latents, peft_step = generate("PEFT eager")
+    _save_image(pipe, peft_latents, out / "peft_eager.png")
+    rows = []
+    for method in methods:
+        handle = accelerate_fusion(pipe, SUBJECT, STYLE, method=method, backend=backend)
+        try:
+            latents, step_time = generate(f"lorafuse {method}")
+            log = list(handle.gate_log)
+            layers, fallbacks = handle.num_layers, dict(handle.fallbacks)
+            heatmap = None
+            with contextlib.suppress(ImportError):  # matplotlib is optional (the "plot" extra)
+                handle.plot_gates(out / f"gates_{method}.png")
+                heatmap = f"gates_{method}.png"
+        finally:
+            handle.remove()
+        if method == "merge":  # merge is exactly set_adapters([subject, style], [1, 1]): PEFT eager itself
+            reference, ref_latents = "PEFT eager, both adapters", peft_latents
+        else:
+            reference = "PEFT replay of the logged gates"
+            replay = GateReplay(pipe, log, names=(SUBJECT, STYLE))
+            try:
+                ref_latents, _ = generate(f"replay {method}")
+            finally:
+                replay.remove()
+            if replay.misses:
+                raise RuntimeError(f"lorafuse demo: {replay.misses} layer calls of {method} were not in its gate log")
+        _save_image(pipe, latents, out / f"{method}.png")
+        summary = gate_summary(log)
+        rows.append({
+            "method": method,
+            "ms_per_step": 1e3 * step_time,
+            "speedup_vs_peft_eager": peft_step / step_time,
+            "max_abs_diff": (latents.float() - ref_latents.float()).abs().max().item(),
+            "reference": reference,
+            "layers_fused": layers,
+            "fallback_calls": sum(fallbacks.values()),
+            "fallback_reasons": fallbacks,
+            "gates": _summary_text(method, summary),
+            **summary,
+            "image": f"{method}.png",
+            "heatmap": heatmap,
+        })
+
+    import diffusers
+    import peft
+    import triton
+
+    report = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
+        "dtype": str(dtype).removeprefix("torch."),
+        "backend": backend,
+        "size": size,
+        "steps": steps,
+        "prompt": PROMPT,
+        "versions": {"torch": torch.__version__, "triton": triton.__version__, "diffusers": diffusers.__version__,
+                     "peft": peft.__version__, "python": platform.python_version()},
+        "loras": {SUBJECT: str(subject_file), STYLE: str(style_file)},
+        "peft_eager_ms_per_step": 1e3 * peft_step,
+        "methods": rows,
+        "seconds_total": time.perf_counter() - t_start,
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def print_report(report: dict, out: Path) -> None:
+    print(f"lorafuse demo: {report['size']} SD1.5-style pipeline, {report['steps']} steps, {report['dtype']} on "
+          f"{report['device']}, backend {report['backend']}; PEFT eager {report['peft_eager_ms_per_step']:.1f} ms/step")
+    head = f"{'method':7s} {'ms/step':>8s} {'vs PEFT':>8s} {'max|diff| vs ref':>17s} {'fused':>6s} {'fallback':>9s}  gates"
+    print(head)
+    print("-" * len(head))
+    for r in report["methods"]:
+        print(f"{r['method']:7s} {r['ms_per_step']:8.1f} {r['speedup_vs_peft_eager']:7.2f}x {r['max_abs_diff']:17.2e} "
+              f"{r['layers_fused']:6d} {r['fallback_calls']:9d}  {r['gates']}")
+    print(f"references: merge vs PEFT eager with both adapters; klora/est/kl vs PEFT replaying the logged gates. "
+          f"Images, gate heatmaps and report.json in {out}/ ({report['seconds_total']:.0f} s)")
 
 
 def main(args: argparse.Namespace | None = None) -> int:
-    tiny = bool(getattr(args, "tiny", False))
-    device = torch.device(getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("lorafuse demo: --device cuda but no CUDA GPU is available")
-    interp = device.type == "cpu" and HAS_TRITON and interpreter_active()
-    if device.type == "cuda":
-        M, K, N, dtype, rounds = 8192, 640, 640, torch.float16, 50
-    elif interp or tiny:
-        M, K, N, dtype, rounds = 154, 320, 320, torch.float32, 3
-    else:
-        M, K, N, dtype, rounds = 2048, 640, 640, torch.float32, 10
-    r_sub, r_sty = 8, 64
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(M, K, generator=g)
-    W = torch.randn(N, K, generator=g) / K**0.5
-    b = torch.randn(N, generator=g) * 0.1
-    subject = (torch.randn(r_sub, K, generator=g) / K**0.5, torch.randn(N, r_sub, generator=g) / r_sub**0.5, 1.0)
-    style = (torch.randn(r_sty, K, generator=g) / K**0.5, torch.randn(N, r_sty, generator=g) / r_sty**0.5, 0.8)
-    gates = torch.tensor([1.0, 0.0])  # K-LoRA-style: the subject LoRA acts in this layer at this step
-
-    # fp64 reference of y = x W^T + b + g_c s_c (x A_c^T) B_c^T + g_s s_s (x A_s^T) B_s^T
-    ref = F.linear(x.double(), W.double(), b.double())
-    for gate, (A, B, s) in zip(gates.tolist(), (subject, style)):
-        ref += gate * s * (x.double() @ A.double().t()) @ B.double().t()
-
-    x, W, b, gates = (t.to(device, dtype) for t in (x, W, b, gates))
-    loras = [(A.to(device, dtype), B.to(device, dtype), s) for A, B, s in (subject, style)]
-    packed = PackedLoRA.pack(loras)
-
-    def peft_style():  # what PEFT's eager forward does for two active adapters
-        y = F.linear(x, W, b)
-        for gate, (A, B, s) in zip((1.0, 0.0), loras):
-            y = y + (x @ A.t()) @ B.t() * (s * gate)
-        return y
-
-    rows = [("F.linear alone (no LoRA)", lambda: F.linear(x, W, b), False), ("PEFT-style unfused", peft_style, True)]
-    rows.append(("lorafuse torch backend", lambda: fused_lora_linear(x, W, b, packed, gates, backend="torch"), True))
-    if HAS_TRITON and (device.type == "cuda" or interp):
-        label = "lorafuse triton" + (" (interpreter)" if interp else "")
-        rows.append((label, lambda: fused_lora_linear(x, W, b, packed, gates, backend="triton"), True))
-        rows.append((label + " + stats", lambda: fused_lora_linear(x, W, b, packed, gates, stats=True, backend="triton")[0], True))
-
-    print(f"lorafuse demo: one linear, x ({M} x {K}) -> {N}, subject rank {r_sub}, style rank {r_sty}, "
-          f"{str(dtype).replace('torch.', '')} on {device.type}{' (Triton interpreter)' if interp else ''}")
-    print(f"{'path':38s} {'time / call':>12s} {'vs F.linear':>12s} {'max |err| vs fp64':>18s}")
-    base_time = None
-    for name, fn, check in rows:
-        t = _time(fn, device, 1 if "interpreter" in name else rounds)
-        base_time = base_time or t
-        err = (fn().double().cpu() - ref).abs().max().item() if check else float("nan")
-        err_s = f"{err:18.2e}" if check else f"{'(no LoRA)':>18s}"
-        print(f"{name:38s} {t * 1e3:9.3f} ms {t / base_time:11.2f}x {err_s}")
-    if not (HAS_TRITON and (device.type == "cuda" or interp)):
-        print("Triton kernels: need a CUDA GPU, or set TRITON_INTERPRET=1 to run them through the interpreter.")
+    out = Path(getattr(args, "out", None) or "lorafuse-demo")
+    methods = getattr(args, "methods", None) or METHODS
+    report = run_demo(out, tiny=bool(getattr(args, "tiny", False)), steps=getattr(args, "steps", None),
+                      methods=methods, device=getattr(args, "device", None),
+                      backend=getattr(args, "backend", None) or "auto",
+                      progress=not getattr(args, "no_progress", False))
+    print_report(report, out)
     return 0

@@ -137,6 +137,7 @@ class StaticSelectMethod(FusionMethod):
         """S(tau) of this method's pattern."""
         return time_scale(tau, self.pattern, self.alpha, self.beta)
 
+    @torch.no_grad()  # statistics of the loaded weights (PEFT keeps them as trainable Parameters)
     def prepare(self, layers, device=None) -> None:
         pairs = validate_layers(layers, self.name)
         device = torch.device(device) if device is not None else pairs[0][0][0].device
@@ -187,6 +188,17 @@ class StaticSelectMethod(FusionMethod):
 
     def layer_forward(self, layer, x, weight, bias, packed: PackedLoRA, *, backend: str = "auto"):
         return fused_lora_linear(x, weight, bias, packed, gates=self.gates(layer), backend=backend)
+
+    def decision_table(self, taus) -> torch.Tensor:
+        """(L, T) bool on the host, True where layer l selects the subject at ``taus[t]``: the same
+        rule and fp64 scores the device gates use (``score_c / gamma > score_s * S(tau)``), for logs,
+        ``lorafuse inspect`` and references. Needs :meth:`prepare`; no device work."""
+        if not hasattr(self, "_num_host"):
+            raise RuntimeError(f"{self.name}: call prepare(layers) before decision_table")
+        num = torch.tensor(self._num_host, dtype=torch.float64)[:, None]
+        den = torch.tensor(self._den_host, dtype=torch.float64)[:, None]
+        scale = torch.tensor([self.scale(float(t)) for t in taus], dtype=torch.float64)
+        return num > den * scale
 
     def last_decision(self, layer: int) -> Decision:
         """Gates (1, 2) and tau of the layer's last call; stats ``subject_score`` (score_c / gamma),

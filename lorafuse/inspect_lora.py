@@ -1,0 +1,145 @@
+"""``lorafuse inspect FILE [FILE2]``: what is in LoRA files, and what K-LoRA / EST will do with them.
+
+One file: key format, model family, number of target layers, ranks and scales (alpha / r, 1 when
+the file has no alpha).
+Two files (subject, style): per common layer the static statistics of the two selection methods,
+
+    K-LoRA  S_c, S_s = sum of the K largest |dW| entries (K = r_c r_s), gamma from L1 norms
+    EST     E_c, E_s = ||dW||_F^2, gamma from L1 norms (the official balance)
+
+and the decision of each method at every step of an ``--steps`` sampler with uniform progress
+``tau_k = k / N`` (k = 0 .. N-1): a string of ``c`` (subject acts) and ``s`` (style acts), plus the
+first step where the decision changes. Real samplers space their timesteps slightly differently
+(``tau = 1 - t / T``), so a flip can move by a step. Default method options (K-LoRA "s*", EST "s"
+with D = 0.5); the table is computed on the host in fp64, the same rule the device gates use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections import Counter
+
+import torch
+
+
+def describe_file(path: str, family: str | None = None, unet_config: dict | None = None) -> dict:
+    """Format, family, layers {path: (A, B, scale)}, rank and alpha histograms of one LoRA file."""
+    from .integrations.lora_files import _family_of, detect_format, load_lora_layers, read_safetensors
+
+    keys = list(read_safetensors(path))
+    fmt = detect_format(keys, path)
+    fam = _family_of(fmt, keys, family)
+    layers = load_lora_layers(path, family=fam, unet_config=unet_config)
+    ranks = Counter(A.shape[0] for A, _, _ in layers.values())
+    scales = Counter(round(float(s), 6) for _, _, s in layers.values())
+    return {"file": path, "format": fmt, "family": fam, "keys": len(keys), "layers": layers,
+            "ranks": dict(sorted(ranks.items())), "scales": dict(sorted(scales.items()))}
+
+
+def pair_statistics(subject: dict, style: dict, steps: int) -> dict:
+    """K-LoRA and EST statistics and decision strings for the layers both LoRAs target."""
+    from .fusion import ESTLoRA, KLoRA, LayerLoRAs
+
+    names = [p for p in subject if p in style]
+    if not names:
+        raise ValueError("the two LoRAs target no common layer")
+    for p in names:
+        (A_c, B_c, _), (A_s, B_s, _) = subject[p], style[p]
+        if (B_c.shape[0], A_c.shape[1]) != (B_s.shape[0], A_s.shape[1]):
+            raise ValueError(f"layer {p!r}: the subject LoRA is {B_c.shape[0]} x {A_c.shape[1]}, "
+                             f"the style LoRA {B_s.shape[0]} x {A_s.shape[1]}")
+    layers = [LayerLoRAs(p, tuple(_f64(subject[p])), tuple(_f64(style[p]))) for p in names]
+    taus = [k / steps for k in range(steps)]
+    out = {"layers": names, "steps": steps}
+    for key, method in (("klora", KLoRA(stats_backend="torch")), ("est", ESTLoRA(stats_backend="torch"))):
+        method.prepare(layers, device="cpu")
+        table = method.decision_table(taus)
+        out[key] = {
+            "gamma": float(method.gamma),
+            "scores": method.scores.tolist(),  # (L, 2): S_c, S_s (klora) or E_c, E_s (est)
+            "decisions": ["".join("c" if v else "s" for v in row) for row in table.tolist()],
+            "first_flip": [_first_flip(row) for row in table.tolist()],
+        }
+    return out
+
+
+def _f64(lora):
+    A, B, scale = lora
+    return A.double(), B.double(), float(scale)
+
+
+def _first_flip(row: list[bool]) -> int | None:
+    return next((k for k in range(1, len(row)) if row[k] != row[0]), None)
+
+
+def _print_file(info: dict, role: str | None) -> None:
+    title = f"{role}: " if role else ""
+    ranks = ", ".join(f"r={r} x{n}" for r, n in info["ranks"].items())
+    scales = ", ".join(f"{a:g} x{n}" for a, n in info["scales"].items())
+    print(f"{title}{info['file']}\n  format {info['format']}, family {info['family']}, {info['keys']} tensors, "
+          f"{len(info['layers'])} denoiser layers\n  ranks: {ranks}\n  scales (alpha / r; 1 without alpha): {scales}")
+
+
+def _print_pair(stats: dict, limit: int) -> None:
+    k, e = stats["klora"], stats["est"]
+    names = stats["layers"]
+    shown = names if limit <= 0 else names[:limit]
+    print(f"\n{len(names)} common layers; gamma (L1 balance): K-LoRA {k['gamma']:.4g}, EST {e['gamma']:.4g}; "
+          f"decisions over {stats['steps']} steps (tau = k/N), c = subject, s = style")
+    width = max(len(n) for n in shown)
+    print(f"{'layer':{width}s} {'S_c':>9s} {'S_s':>9s} {'E_c':>9s} {'E_s':>9s} {'flip K':>6s} {'flip E':>6s}  "
+          f"K-LoRA / EST decisions")
+    for i, name in enumerate(shown):
+        (s_c, s_s), (e_c, e_s) = k["scores"][i], e["scores"][i]
+        fk, fe = (("-" if f is None else str(f)) for f in (k["first_flip"][i], e["first_flip"][i]))
+        print(f"{name:{width}s} {s_c:9.3g} {s_s:9.3g} {e_c:9.3g} {e_s:9.3g} {fk:>6s} {fe:>6s}  "
+              f"{k['decisions'][i]}\n{'':{width + 58}s}{e['decisions'][i]}")
+    if len(shown) < len(names):
+        print(f"... {len(names) - len(shown)} more layers (--layers 0 shows all)")
+    for key, label in (("klora", "K-LoRA"), ("est", "EST")):
+        share = sum(d.count("c") for d in stats[key]["decisions"]) / (len(names) * stats["steps"])
+        print(f"{label}: the subject acts in {100 * share:.0f}% of layer-steps")
+
+
+def main(args: argparse.Namespace) -> int:
+    files = list(args.files)
+    if len(files) > 2:
+        print("lorafuse inspect: give one or two LoRA files (subject, then style)", file=sys.stderr)
+        return 2
+    if args.steps < 1:
+        print("lorafuse inspect: --steps must be at least 1", file=sys.stderr)
+        return 2
+    unet_config, model = None, None
+    try:
+        if args.model:
+            from .generate import load_pipeline
+
+            model = load_pipeline(args.model, "cpu", torch.float32)
+            denoiser = getattr(model, "unet", None) or getattr(model, "transformer")
+            unet_config = dict(denoiser.config) if hasattr(model, "unet") else None
+        infos = [describe_file(os.fspath(f), args.family, unet_config) for f in files]
+        if model is not None:
+            from .integrations.lora_files import check_against_model
+
+            for info in infos:
+                check_against_model(info["layers"], denoiser, info["file"])
+        stats = pair_statistics(infos[0]["layers"], infos[1]["layers"], args.steps) if len(infos) == 2 else None
+    except ValueError as exc:
+        print(f"lorafuse inspect: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        report = {"files": [{k: v for k, v in i.items() if k != "layers"} | {
+            "layers": {p: {"rank": A.shape[0], "in": A.shape[1], "out": B.shape[0], "scale": float(s)}
+                       for p, (A, B, s) in i["layers"].items()}} for i in infos]}
+        if stats is not None:
+            report["pair"] = stats
+        print(json.dumps(report, indent=2))
+        return 0
+    for info, role in zip(infos, ("subject", "style") if len(infos) == 2 else (None,)):
+        _print_file(info, role)
+    if stats is not None:
+        _print_pair(stats, args.layers)
+    return 0
