@@ -13,7 +13,7 @@ setup(
     install_requires=["torch>=2.5", "triton>=3.2", "numpy", "safetensors"],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "hypothesis"],
-        "diffusers": ["diffusers>=0.32", "transformers", "peft>=0.14", "safetensors", "accelerate"],
+        "diffusers": ["diffusers>=0.32", "transformers", "peft>=0.14", "safetensors", "accelerate", "tqdm"],
         "plot": ["matplotlib"],
     },
     entry_points={"console_scripts": ["lorafuse=lorafuse.cli:main"]},

@@ -61,3 +61,24 @@ def test_run_main_writes_csv_and_plot(tmp_path):
     assert all(float(r["rel_err"]) < 1e-5 and float(r["median_ms"]) > 0 for r in rows)
     if "--plot" in argv:
         assert len(list((tmp_path / "plots").glob("*.png"))) == 2
+
+
+def test_fusion_methods_benchmark_smoke(tmp_path, capsys):
+    """benchmarks.fusion_methods on 3 layers: the CSV gets its rows, the per-layer-loop baseline
+    computes the same gates (asserted inside the benchmark), and the op counts are independent of L."""
+    from benchmarks import fusion_methods as FM
+
+    shapes = FM.sdxl_attention_shapes()
+    assert len(shapes) == 560 and sum(K == 2048 for _, K, _ in shapes) == 140
+    path = tmp_path / "fusion.csv"
+    assert FM.main(["--device", "cpu", "--layers", "3", "--ranks", "4", "--rounds", "1", "--csv", str(path)]) == 0
+    rows = list(csv.DictReader(path.open()))
+    assert [(r["benchmark"], r["method"]) for r in rows] == [
+        ("prepare", "klora"), ("prepare", "est"), ("gate_update", "klora"), ("gate_update", "est")]
+    assert all(float(r["median_ms"]) > 0 and r["device"] and r["torch"] for r in rows)
+    layers = FM.make_layers(shapes[:6], (4, 4), "cpu")
+    for method in (FM.KLoRA(stats_backend="torch"), FM.ESTLoRA(stats_backend="torch")):
+        method.prepare(layers, "cpu")
+        few = FM.count_ops(lambda: method.begin_step(FM.Progress(tau=0.25)))
+        method.prepare(layers[:2], "cpu")
+        assert FM.count_ops(lambda: method.begin_step(FM.Progress(tau=0.25))) == few  # O(1) in the layer count
