@@ -182,3 +182,20 @@ def test_inspect_errors(model_dir, tmp_path, capsys):
     assert cli_main(["inspect", str(model_dir / "loras" / "subject.safetensors"), str(other)]) == 2
     assert "no common layer" in capsys.readouterr().err
 
+
+
+def test_inspect_kohya_file_with_alpha(model_dir, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from lorafuse.integrations.lora_files import load_lora_layers
+    from lorafuse.integrations.tiny import to_kohya
+
+    peft_file = model_dir / "loras" / "subject.safetensors"
+    kohya = tmp_path / "kohya.safetensors"
+    save_file(to_kohya(load_file(str(peft_file)), alpha=2.0), str(kohya))
+    assert cli_main(["inspect", str(kohya), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)["files"][0]
+    assert info["format"] == "kohya" and info["family"] == "sd" and info["ranks"] == {"4": 32}
+    assert info["scales"] == {"0.5": 32}  # alpha / r = 2 / 4
+    want = load_lora_layers(peft_file)
+    assert sorted(info["layers"]) == sorted(want)
