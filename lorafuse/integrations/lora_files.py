@@ -5,18 +5,20 @@ keyed by the denoiser's diffusers module path (``down_blocks.1.attentions.0...at
 A (r, in), B (out, r) and ``scale = alpha / r`` (1.0 without an alpha): the delta the file means is
 ``scale * B @ A``. Key formats are converted by diffusers' own converters (the family's
 ``LoraLoaderMixin.lora_state_dict`` and ``convert_unet_state_dict_to_peft``), not re-implemented:
-diffusers/PEFT keys, old attention-processor keys, kohya ``lora_unet_*`` keys with ``.alpha``
-(SDXL's SGM block names need the UNet config), and FLUX kohya keys. Text-encoder keys are dropped:
-they run once per prompt, on PEFT.
+diffusers/PEFT keys (with or without the ``unet.``/``transformer.`` prefix), old attention-processor
+keys, kohya ``lora_unet_*`` keys with ``.alpha`` (SDXL's SGM block names need the UNet config), and
+FLUX kohya keys. Text-encoder keys are dropped: they run once per prompt, on PEFT. Conv LoRAs (4-D
+kernels, e.g. SD1.5's 1x1 ``proj_in``/``proj_out``) are skipped: only linears are fused.
 
 Bad files get a ValueError naming the file (and the key): missing, not safetensors, corrupt header,
-no LoRA keys of a known format, NaN/inf weights, A/B shapes that disagree.
+no LoRA keys of a known format, NaN/inf weights, A/B shapes that disagree, DoRA / LoRA-bias keys.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import types
 from typing import NamedTuple
 
 import torch
@@ -25,6 +27,11 @@ LoRATriple = tuple  # (A: (r, in), B: (out, r), scale: float)
 
 FAMILIES = ("sd", "sdxl", "sd3", "flux")
 _DENOISER_PREFIX = {"sd": "unet.", "sdxl": "unet.", "sd3": "transformer.", "flux": "transformer."}
+# component prefixes of a pipeline-level file; a diffusers/PEFT file with none of them is a model-level
+# file (what ``model.load_lora_adapter(file, prefix=None)`` loads): all its keys are the denoiser's
+_COMPONENTS = ("unet.", "transformer.", "text_encoder.", "text_encoder_2.", "text_encoder_3.")
+_DIT_BLOCKS = ("transformer_blocks.", "single_transformer_blocks.")
+_SGM_BLOCKS = ("input_blocks", "middle_block", "output_blocks")
 
 
 class LoRAPair(NamedTuple):
@@ -45,7 +52,7 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise ValueError(f"LoRA file {path!r} does not exist")
+        raise ValueError(f"LoRA file {path!r} does not exist" + (" (it is a directory)" if os.path.isdir(path) else ""))
     try:
         tensors = load_file(path)
     except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
@@ -85,7 +92,14 @@ def _family_of(fmt: str, keys, family: str | None) -> str:
         return "sdxl"
     if any(k.startswith("transformer.") for k in keys):
         return "flux"
+    if _unprefixed(fmt, keys) and any(k.startswith(_DIT_BLOCKS) for k in keys):
+        return "flux"
     return "sd"
+
+
+def _unprefixed(fmt: str, keys) -> bool:
+    """A model-level diffusers/PEFT file: no key names a pipeline component."""
+    return fmt in ("peft", "attn-procs") and not any(k.startswith(_COMPONENTS) for k in keys)
 
 
 def _loader(family: str):
@@ -109,13 +123,23 @@ def load_lora_layers(
     tensors = read_safetensors(path)
     fmt = detect_format(tensors, path)
     family = _family_of(fmt, tensors, family)
-    kwargs = {"unet_config": unet_config} if family == "sdxl" and unet_config is not None else {}
-    if family == "sdxl" and fmt == "kohya" and unet_config is None and any("input_blocks" in k for k in tensors):
+    if _unprefixed(fmt, tensors):
+        tensors = {_DENOISER_PREFIX[family] + k: v for k, v in tensors.items()}
+    kwargs = {}
+    if family in ("sd", "sdxl") and unet_config is not None:
+        # diffusers reads ``unet_config.layers_per_block``: accept a plain dict (``dict(unet.config)``) too
+        if not hasattr(unet_config, "layers_per_block"):
+            unet_config = types.SimpleNamespace(**dict(unet_config))
+        kwargs["unet_config"] = unet_config
+    sgm = any(k.startswith("lora_unet_") and p in k for k in tensors for p in _SGM_BLOCKS)
+    if fmt == "kohya" and unet_config is None and sgm:
         raise ValueError(f"LoRA file {path!r}: SDXL kohya keys (SGM block names) need unet_config=pipe.unet.config")
     try:
         out = _loader(family).lora_state_dict(dict(tensors), **kwargs)
-    except Exception as exc:  # diffusers' converters raise many types; name the file
-        raise ValueError(f"LoRA file {path!r}: diffusers could not convert it as a {family} LoRA: {exc}") from None
+    except Exception as exc:  # diffusers' converters raise many types (bare asserts too); name the file
+        raise ValueError(
+            f"LoRA file {path!r}: diffusers could not convert it as a {family} LoRA: {type(exc).__name__}: {exc}"
+        ) from None
     state, alphas = (out[0], out[1]) if isinstance(out, tuple) else (out, None)
     prefix = _DENOISER_PREFIX[family]
     alphas = alphas or {}
@@ -133,6 +157,16 @@ def load_lora_layers(
         if key.startswith(prefix) and key.endswith(".alpha") and value.numel() == 1:
             alpha_of.setdefault(key[len(prefix):].removesuffix(".alpha"), float(value))
 
+    for key in peft_state:
+        if ".lora_magnitude_vector" in key or ".lora_B.bias" in key:
+            raise ValueError(
+                f"LoRA file {path!r}: key {prefix + key!r} is a DoRA magnitude or LoRA bias, "
+                "which fusion does not support"
+            )
+        if key.endswith(".lora_B.weight") and key.replace(".lora_B.weight", ".lora_A.weight") not in peft_state:
+            module = key[: -len(".lora_B.weight")]
+            raise ValueError(f"LoRA file {path!r}: {module!r} has an up (B) matrix but no down (A) matrix")
+
     layers: dict[str, LoRATriple] = {}
     for key, A in peft_state.items():
         if not key.endswith(".lora_A.weight"):
@@ -141,6 +175,8 @@ def load_lora_layers(
         B = peft_state.get(f"{module}.lora_B.weight")
         if B is None:
             raise ValueError(f"LoRA file {path!r}: {module!r} has a down (A) matrix but no up (B) matrix")
+        if A.dim() == 4 and B.dim() == 4:  # a conv LoRA (kohya proj_in/proj_out 1x1, resnet 3x3): not a linear
+            continue
         if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
             raise ValueError(
                 f"LoRA file {path!r}: {module!r} has A {tuple(A.shape)} and B {tuple(B.shape)}; expected (r, in) and (out, r)"
@@ -152,7 +188,7 @@ def load_lora_layers(
             raise ValueError(f"LoRA file {path!r}: {module!r} has a non-finite alpha")
         layers[module] = (A, B, scale)
     if not layers:
-        raise ValueError(f"LoRA file {path!r}: no {family} denoiser layers (keys under {prefix!r}) in it")
+        raise ValueError(f"LoRA file {path!r}: no {family} denoiser linear layers (keys under {prefix!r}) in it")
     return layers
 
 
@@ -182,6 +218,8 @@ def load_lora_pair(
 
 def check_against_model(layers: dict[str, LoRATriple], model: torch.nn.Module, path: str = "<LoRA>") -> None:
     """Every layer must exist in ``model`` as a linear with matching in/out features (all or nothing)."""
+    if not layers:
+        raise ValueError(f"LoRA {path!r} has no layers")
     modules = dict(model.named_modules())
     missing = [name for name in layers if name not in modules]
     if len(missing) == len(layers):

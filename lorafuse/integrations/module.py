@@ -34,11 +34,13 @@ class ModuleFusion:
         self.method = method
         self.backend = backend
         self._packed: dict[int, PackedLoRA] = {}
-        self._step = 0
+        self._step = -1  # the first step() is denoiser call 0
         method.prepare(layers, device=self.modules[0].weight.device)
-        method.begin_step(Progress(tau=0.0, step=0))
-        for index, (module, layer) in enumerate(zip(self.modules, layers)):
-            module.forward = self._make_forward(index, module, layer)
+        if getattr(method, "tau_mode", None) != "official":  # official mode needs num_steps: step() gives it
+            method.begin_step(Progress(tau=0.0, step=0))
+        self._forwards = [self._make_forward(i, m, layer) for i, (m, layer) in enumerate(zip(self.modules, layers))]
+        for module, forward in zip(self.modules, self._forwards):
+            module.forward = forward
 
     def _make_forward(self, index: int, module: nn.Linear, layer: LayerLoRAs):
         def forward(x: torch.Tensor) -> torch.Tensor:
@@ -59,9 +61,10 @@ class ModuleFusion:
         return self.method.last_decision(index)
 
     def remove(self) -> None:
-        """Restore every module's class forward (idempotent)."""
-        for module in self.modules:
-            module.__dict__.pop("forward", None)
+        """Restore every module's class forward (idempotent; a forward someone else set since is left alone)."""
+        for module, forward in zip(self.modules, self._forwards):
+            if module.__dict__.get("forward") is forward:
+                del module.__dict__["forward"]
         self._packed.clear()
 
 
@@ -85,13 +88,31 @@ def fuse_modules(
 ) -> ModuleFusion:
     """Patch several ``nn.Linear`` layers that share one fusion method (see :func:`fuse_module`)."""
     modules = [_check_linear(m, i) for i, m in enumerate(modules)]
+    subjects, styles = list(subjects), list(styles)
     if not (len(modules) == len(subjects) == len(styles)) or not modules:
-        raise ValueError("fuse_modules: need one subject and one style (A, B, scale) per module, at least one module")
+        raise ValueError(
+            f"fuse_modules: need one subject and one style (A, B, scale) per module and at least one module, got "
+            f"{len(modules)} modules, {len(subjects)} subjects, {len(styles)} styles"
+        )
+    first: dict[int, int] = {}
+    for i, m in enumerate(modules):
+        j = first.setdefault(id(m), i)
+        if j != i:
+            raise ValueError(f"fuse_modules: module {i} is the same object as module {j}")
     names = list(names) if names is not None else [f"module{i}" for i in range(len(modules))]
+    if len(names) != len(modules):
+        raise ValueError(f"fuse_modules: {len(names)} names for {len(modules)} modules")
+    for i, (c, s) in enumerate(zip(subjects, styles)):
+        for role, item in (("subject", c), ("style", s)):
+            ok = isinstance(item, (tuple, list)) and len(item) == 3
+            if not (ok and isinstance(item[0], torch.Tensor) and isinstance(item[1], torch.Tensor)):
+                raise TypeError(
+                    f"fuse_module: {names[i]} {role} LoRA must be an (A, B, scale) triple with tensors A and B"
+                )
     layers = [LayerLoRAs(n, tuple(c), tuple(s)) for n, c, s in zip(names, subjects, styles)]
     for i, (module, layer) in enumerate(zip(modules, layers)):
         for role, (A, B, _) in (("subject", layer.subject), ("style", layer.style)):
-            if A.shape[-1] != module.in_features or B.shape[0] != module.out_features:
+            if A.dim() != 2 or B.dim() != 2 or A.shape[-1] != module.in_features or B.shape[0] != module.out_features:
                 raise ValueError(
                     f"fuse_module: {layer.name} {role} LoRA is ({B.shape[0]} x {A.shape[-1]}) but the linear is "
                     f"({module.out_features} x {module.in_features})"
