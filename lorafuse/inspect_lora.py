@@ -27,11 +27,11 @@ import torch
 
 def describe_file(path: str, family: str | None = None, unet_config: dict | None = None) -> dict:
     """Format, family, layers {path: (A, B, scale)}, rank and alpha histograms of one LoRA file."""
-    from .integrations.lora_files import _family_of, detect_format, load_lora_layers, read_safetensors
+    from .integrations.lora_files import detect_format, guess_family, load_lora_layers, read_safetensors
 
     keys = list(read_safetensors(path))
     fmt = detect_format(keys, path)
-    fam = _family_of(fmt, keys, family)
+    fam = guess_family(fmt, keys, family)
     layers = load_lora_layers(path, family=fam, unet_config=unet_config)
     ranks = Counter(A.shape[0] for A, _, _ in layers.values())
     scales = Counter(round(float(s), 6) for _, _, s in layers.values())

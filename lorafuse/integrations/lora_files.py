@@ -81,7 +81,9 @@ def detect_format(keys, path: str = "<dict>") -> str:
     )
 
 
-def _family_of(fmt: str, keys, family: str | None) -> str:
+def guess_family(fmt: str, keys, family: str | None = None) -> str:
+    """The model family ("sd", "sdxl", "sd3", "flux") of a file's keys in format ``fmt``; ``family``,
+    when given, is checked and returned. SD3 is never guessed (its keys look like FLUX's): pass it."""
     if family is not None:
         if family not in FAMILIES:
             raise ValueError(f"load_lora_pair: family must be one of {FAMILIES}, got {family!r}")
@@ -122,7 +124,7 @@ def load_lora_layers(
     path = os.fspath(path)
     tensors = read_safetensors(path)
     fmt = detect_format(tensors, path)
-    family = _family_of(fmt, tensors, family)
+    family = guess_family(fmt, tensors, family)
     if _unprefixed(fmt, tensors):
         tensors = {_DENOISER_PREFIX[family] + k: v for k, v in tensors.items()}
     kwargs = {}
