@@ -37,3 +37,16 @@ class ESTLoRA(StaticSelectMethod):
         if self.balance == "energy":
             return e_c, e_s, e_c, e_s
         return e_c, e_s, lora_delta_l1(*subject, backend=self.stats_backend), lora_delta_l1(*style, backend=self.stats_backend)
+
+
+def style_discrepancy(pipe, prompt, subject, style, scorer, seed=0, **kwargs):
+    """EST-LoRA's D = 1 - cos(DINO(I_subject), DINO(I_style)) from two probe generations (one adapter
+    active each, through the fused path), cached per (LoRA pair, prompt, seed). Pass the result as
+    ``accelerate_fusion(pipe, subject, style, method="est", D=D)``.
+
+    Layering: fusion/ never imports diffusers; the probe needs a pipeline, so its implementation
+    lives in :func:`lorafuse.guidance.est.style_discrepancy` (see there for the options) and is
+    imported here lazily, at call time."""
+    from ..guidance.est import style_discrepancy as _impl
+
+    return _impl(pipe, prompt, subject, style, scorer, seed, **kwargs)

@@ -217,6 +217,7 @@ class FusionHandle:
         self._raw_log: list[tuple] = []  # (layer, call, gates, stats, tau) of the current call, device tensors
         self._batches: list[tuple] = []  # _raw_log of finished calls, stacked per field
         self._log: list[dict] = []
+        self.guidance = None  # a lorafuse.guidance.GuidanceHandle when accelerate_fusion(guidance=...)
 
     # ---------------- public ----------------
     @property
@@ -281,6 +282,8 @@ class FusionHandle:
         if self._removed:
             return
         self._removed = True
+        if self.guidance is not None:
+            self.guidance.remove()
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
@@ -627,6 +630,7 @@ def accelerate_fusion(
     backend: str = "auto",
     log_gates: bool = True,
     timestep_divisor: float | None = None,
+    guidance=None,
     **method_options,
 ) -> FusionHandle:
     """Fuse the LoRA adapters ``subject`` and ``style`` of a diffusers pipeline with a fusion method.
@@ -642,6 +646,9 @@ def accelerate_fusion(
             layer call, converted when read).
         timestep_divisor: override what the denoiser's ``timestep`` is divided by to get the noise
             level (default: scheduler ``num_train_timesteps``; 1 for FLUX, whose pipeline passes t/1000).
+        guidance: a :class:`lorafuse.guidance.GuidanceConfig`: also install metric-guided latent
+            refinement (Cao et al.; usually with ``method="kl"``), a wrapped ``scheduler.step`` that
+            ``handle.guidance`` owns and ``handle.remove()`` undoes. Needs a pipeline with a VAE.
         **method_options: passed to ``get_method`` (pattern, alpha, beta, D, official mode, ...).
 
     Returns a :class:`FusionHandle`; ``handle.remove()`` or :func:`remove_fusion` undo everything.
@@ -687,6 +694,10 @@ def accelerate_fusion(
     handle = FusionHandle(pipe, denoisers, fusion_method, subject, style, backend, log_gates, scheduler, div)
     try:
         handle._install()
+        if guidance is not None:
+            from ..guidance.hook import enable_guidance
+
+            handle.guidance = enable_guidance(pipe, guidance)
     except BaseException:
         handle.remove()
         raise
