@@ -26,9 +26,19 @@ METHODS: dict[str, type[FusionMethod]] = {
 }
 
 
+def _method_key(name) -> str:
+    """``name`` lower-cased, or ValueError naming the valid methods."""
+    key = name.lower() if isinstance(name, str) else None
+    if key not in METHODS:
+        raise ValueError(f"unknown fusion method {name!r}; valid names: {', '.join(METHODS)}")
+    return key
+
+
 def method_options(name: str) -> tuple[str, ...]:
-    """The keyword options ``get_method(name, ...)`` accepts."""
-    return tuple(p for p in inspect.signature(METHODS[name].__init__).parameters if p != "self")
+    """The keyword options ``get_method(name, ...)`` accepts (``name`` case-insensitive; ValueError
+    naming the valid methods for an unknown one)."""
+    cls = METHODS[_method_key(name)]
+    return tuple(p for p in inspect.signature(cls.__init__).parameters if p != "self")
 
 
 def get_method(name: str, **options) -> FusionMethod:
@@ -36,9 +46,7 @@ def get_method(name: str, **options) -> FusionMethod:
 
     Raises ValueError naming the valid methods for an unknown name, and the valid options of the
     method for an unknown option (option values are checked by the constructors)."""
-    key = name.lower() if isinstance(name, str) else name
-    if key not in METHODS:
-        raise ValueError(f"unknown fusion method {name!r}; valid names: {', '.join(METHODS)}")
+    key = _method_key(name)
     valid = method_options(key)
     unknown = sorted(set(options) - set(valid))
     if unknown:

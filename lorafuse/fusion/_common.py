@@ -119,6 +119,9 @@ class StaticSelectMethod(FusionMethod):
         what = self.name
         self.pattern = check_pattern(pattern, what)
         self.alpha = check_float(alpha, "alpha", what)
+        if pattern == "s*" and self.alpha <= 0:
+            raise ValueError(f"{what}: pattern 's*' takes S(tau) = (alpha tau + beta) mod alpha and needs alpha > 0, "
+                             f"got {alpha!r}")
         self.beta = None if beta is None else check_float(beta, "beta", what)
         self.balance = check_choice(balance, balances, "balance", what)
         self.tau_mode = check_choice(tau_mode, TAU_MODES, "tau_mode", what)

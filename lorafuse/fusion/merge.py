@@ -49,7 +49,8 @@ class LinearMerge(ConstantGates):
     name = "merge"
 
     def __init__(self, *, subject_weight: float = 1.0, style_weight: float = 1.0):
-        super().__init__((subject_weight, style_weight))
+        super().__init__((check_float(subject_weight, "subject_weight", self.name),
+                          check_float(style_weight, "style_weight", self.name)))
 
 
 class SubjectOnly(ConstantGates):

@@ -36,9 +36,12 @@ def time_scale(tau, pattern: str = "s", alpha: float = DEFAULT_ALPHA, beta: floa
 
     ``beta`` None means the K-LoRA default of the pattern (0.5 / 1.275). ``mod`` is the floored
     remainder computed exactly (fmod, then + alpha when negative) for floats and tensors alike, so
-    host and device agree to the last bit; the result lies in [0, alpha) for "s*".
+    host and device agree to the last bit; the result lies in [0, alpha) for "s*", which therefore
+    needs alpha > 0 (ValueError otherwise).
     """
     check_pattern(pattern, "time_scale")
+    if pattern == "s*" and not alpha > 0:
+        raise ValueError(f"time_scale: pattern 's*' takes (alpha tau + beta) mod alpha and needs alpha > 0, got {alpha!r}")
     beta = DEFAULT_BETA[pattern] if beta is None else beta
     s = alpha * tau + beta
     if pattern == "s":

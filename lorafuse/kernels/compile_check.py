@@ -29,7 +29,8 @@ def _compile(kernel, ptr_types: dict, constexprs: dict, arch: int, num_warps: in
              unit: tuple = (), aligned: tuple = ()):
     """Compile like the JIT does for contiguous tensors at real shapes: pointers 16-byte aligned,
     ``aligned`` integers divisible by 16 and ``unit`` strides specialised to 1. Without these hints
-    Triton cannot vectorise or pipeline the loads, and the shared-memory report is meaningless."""
+    Triton cannot vectorise or pipeline the loads, and the shared-memory report is meaningless.
+    ``ptr_types`` maps pointer arguments to "*fp16" etc. and may also give scalar types ("fp32")."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -42,7 +43,7 @@ def _compile(kernel, ptr_types: dict, constexprs: dict, arch: int, num_warps: in
             signature[name] = "constexpr"
             continue
         signature[name] = ptr_types.get(name, "i32")
-        if name in ptr_types or name in aligned:
+        if signature[name].startswith("*") or name in aligned:
             attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn, signature, constexprs, attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages})
@@ -78,6 +79,8 @@ def variants(family: str):
     Tiled kernels list every config of ``family``'s table: the autotuner skips configs that run out of
     resources, so a variant passes when at least one of them compiles within the shared-memory limit.
     """
+    from .delta_stats import BLOCK_M as DELTA_BLOCK_M, BLOCK_N as DELTA_BLOCK_N, RANK_BLOCK as DELTA_RANK_BLOCK
+    from .delta_stats import _delta_abs_kernel
     from .fused_lora_linear import _GEMM_TABLE, _fused_lora_linear_kernel
     from .lora_fixup import FIXUP_BLOCK_M, FIXUP_BLOCK_N, _lora_fixup_kernel
     from .lora_stats import REDUCE_BLOCK_M, _reduce_lora_stats_kernel
@@ -106,6 +109,13 @@ def variants(family: str):
                dict(NUM_LORAS=2, RANK_BLOCK=16, DOT_PRECISION="tf32", BLOCK_M=FIXUP_BLOCK_M, BLOCK_N=FIXUP_BLOCK_N),
                [(4, 2, {})],
                (("stride_yn", "stride_ur", "stride_br", "stride_gl"), ("M", "N", "stride_ym", "stride_um", "stride_bn")))
+    for dt, store_abs in itertools.product(("fp16", "bf16", "fp32"), (True, False)):
+        yield (f"delta_abs {dt} store_abs={store_abs}", _delta_abs_kernel,
+               dict(a_ptr=_TY[dt], b_ptr=_TY[dt], out_ptr="*fp32", part_ptr="*fp32", scale="fp32"),
+               dict(RANK_BLOCK=DELTA_RANK_BLOCK, BLOCK_M=DELTA_BLOCK_M, BLOCK_N=DELTA_BLOCK_N, STORE_ABS=store_abs,
+                    DOT_PRECISION="ieee"),
+               [(4, 3, {})],  # the launch's defaults
+               (("stride_ak", "stride_br", "stride_ok"), ("row0", "K", "stride_ar", "stride_om")))
     yield ("reduce_lora_stats", _reduce_lora_stats_kernel,
            dict(part_ptr="*fp32", kl_ptr="*fp32", klr_ptr="*fp32", en_ptr="*fp32"),
            dict(NUM_LORAS=2, BLOCK_M=REDUCE_BLOCK_M), [(4, 1, {})], ((), ("M",)))

@@ -8,17 +8,21 @@ layer at preparation time, without holding the dense dW of every layer at once:
 Top-K and L1 cannot be factored, so dW is produced in row chunks of at most ``CHUNK_ELEMENTS``
 entries: the top-k of the whole matrix is the top-k of the union of every chunk's top-k (exact), and
 the L1 norm is the sum of per-tile partial sums. The Triton kernel computes one (BLOCK_M, BLOCK_N)
-tile |s B[rows] A[:, cols]| per program with an fp32 ``tl.dot`` (rank padded to 16 by masked loads),
-writes its abs-sum partial (deterministic: no atomics) and, with ``STORE_ABS``, the tile itself into
-the chunk buffer that ``torch.topk`` then reads. The torch reference works chunk by chunk in fp64.
-All results are fp64 0-d tensors on the factors' device.
+tile |s B[rows] A[:, cols]| per program with fp32 ``tl.dot``s over rank slices of 16 (zero-padded
+by masked loads), writes its abs-sum partial (deterministic: no atomics) and, with ``STORE_ABS``, the
+tile itself into the chunk buffer that ``torch.topk`` then reads. The torch reference works chunk
+by chunk in fp64. All results are fp64 0-d tensors on the factors' device. Every function raises
+TypeError for non-float factors or a non-numeric scale and ValueError for mismatched shapes or
+devices and for non-finite weights or scale (one host sync at preparation time).
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from ._common import HAS_TRITON, next_pow2, resolve_backend
+from ._common import HAS_TRITON, resolve_backend
 
 if HAS_TRITON:
     import triton
@@ -28,6 +32,8 @@ if HAS_TRITON:
 CHUNK_ELEMENTS = 1 << 22
 BLOCK_M = 64
 BLOCK_N = 64
+#: rank slice per tl.dot (the smallest K a GPU dot takes); a 64-wide fp32 FMA dot spills registers
+RANK_BLOCK = 16
 
 
 def _check(A: torch.Tensor, B: torch.Tensor, scale, what: str) -> float:
@@ -39,7 +45,15 @@ def _check(A: torch.Tensor, B: torch.Tensor, scale, what: str) -> float:
         raise ValueError(f"{what}: A is on {A.device} but B is on {B.device}")
     if not (A.is_floating_point() and B.is_floating_point()):
         raise TypeError(f"{what}: A and B must be floating point, got {A.dtype} and {B.dtype}")
-    return float(scale)  # a 0-d tensor syncs once here; this runs at preparation time only
+    if isinstance(scale, torch.Tensor):
+        if scale.numel() != 1:
+            raise ValueError(f"{what}: scale must be a float or a one-element tensor, got shape {tuple(scale.shape)}")
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"{what}: scale must be a float or a one-element tensor, got {type(scale).__name__}")
+    s = float(scale)  # a tensor syncs once here, and so do the checks below: preparation time only
+    if not (math.isfinite(s) and bool(torch.isfinite(A).all()) and bool(torch.isfinite(B).all())):
+        raise ValueError(f"{what}: non-finite LoRA weights or scale (scale {s})")
+    return s
 
 
 def _chunk_rows(K: int) -> int:
@@ -102,10 +116,6 @@ if HAS_TRITON:
             tl.store(out, d, mask=mask_m[:, None] & mask_n[None, :])
 
 
-def _rank_block(r: int) -> int:
-    return min(64, max(16, next_pow2(r)))
-
-
 def launch_delta_abs(A, B, scale: float, row0: int, row1: int, out, part, store_abs: bool) -> None:
     """One launch over rows [row0, row1) of dW; part: (cdiv(rows, BLOCK_M), cdiv(K, BLOCK_N)) fp32."""
     K, R = A.shape[1], A.shape[0]
@@ -114,7 +124,7 @@ def launch_delta_abs(A, B, scale: float, row0: int, row1: int, out, part, store_
     _delta_abs_kernel[grid](
         A, B, o, part, scale, row0, row1, K, R,
         A.stride(0), A.stride(1), B.stride(0), B.stride(1), o.stride(0), o.stride(1),
-        RANK_BLOCK=_rank_block(R), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, STORE_ABS=store_abs,
+        RANK_BLOCK=RANK_BLOCK, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, STORE_ABS=store_abs,
         DOT_PRECISION="ieee",
     )
 

@@ -94,3 +94,21 @@ def formula64(x, W, b, loras, gates):
         gi = g[i] if g.dim() == 1 else g[:, i].reshape(-1, *([1] * (x.dim() - 1)))
         y = y + gi * d
     return y
+
+
+def kl_divergences64(x, W, b, loras, direction="forward", reduction="sample"):
+    """(G, 2) fp64 divergences D_i of the KL method, G = x.shape[0] samples (1 for 1-D x):
+    per token k_i = KL(p0 || p_i) ("forward") or KL(p_i || p0) ("reverse") over output channels,
+    D_i,g = mean of k_i over sample g's tokens ("sample") or over every row ("batch", all g equal)."""
+    G = x.shape[0] if x.dim() >= 2 else 1
+    cols = []
+    for lora in loras:
+        fwd, rev = kl_rows64(x, W, b, lora)
+        k = (fwd if direction == "forward" else rev).reshape(G, -1)
+        cols.append(k.mean(1) if reduction == "sample" else k.mean().expand(G))
+    return torch.stack(cols, 1)
+
+
+def kl_decide64(D, tie="subject"):
+    """Per sample True = subject: D_c > D_s, or D_c == D_s with tie "subject"."""
+    return [bool(c > s or (c == s and tie == "subject")) for c, s in D.tolist()]
