@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Sequence
 
 import torch
@@ -160,6 +161,15 @@ class PackedLoRA:
     def offset(self, i: int) -> int:
         """First row of LoRA i in ``a_compact`` (column in ``b_compact``)."""
         return sum(self.ranks[:i])
+
+    @cached_property
+    def compact_blocks(self) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+        """``(A_i, s_i B_i)`` per LoRA, unpadded views of ``a_compact`` / ``b_compact`` (made once)."""
+        blocks = []
+        for i, r in enumerate(self.ranks):
+            rows = slice(self.offset(i), self.offset(i) + r)
+            blocks.append((self.a_compact[rows], self.b_compact[:, rows]))
+        return tuple(blocks)
 
     def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> "PackedLoRA":
         """A copy in another dtype / on another device (self when nothing changes)."""
