@@ -203,6 +203,14 @@ class StaticSelectMethod(FusionMethod):
         scale = torch.tensor([self.scale(float(t)) for t in taus], dtype=torch.float64)
         return num > den * scale
 
+    def step_decisions(self) -> Decision | None:
+        """All layers' gates (L, 2), tau and stats (``subject_score`` / ``style_score`` (L,),
+        ``time_scale`` 0-d) of the current step; None in official mode (tau changes per layer call)."""
+        if self.tau_mode == "official" or not hasattr(self, "_gates"):
+            return None
+        return Decision(self._gates, self._tau, {"subject_score": self._num, "style_score": self._den,
+                                                 "time_scale": self._S})
+
     def last_decision(self, layer: int) -> Decision:
         """Gates (1, 2) and tau of the layer's last call; stats ``subject_score`` (score_c / gamma),
         ``style_score`` (score_s), ``time_scale`` S(tau). Tensors are views of live state."""

@@ -95,6 +95,14 @@ class FusionMethod(abc.ABC):
     def last_decision(self, layer: int) -> Decision:
         """What layer ``layer`` applied on its last call."""
 
+    def step_decisions(self) -> Decision | None:
+        """Every layer's decision for the current denoiser call at once, for methods whose gates are
+        fixed between :meth:`begin_step` calls: ``gates`` (num_layers, 2) and stats of shape
+        (num_layers,) or 0-d (shared), views of live state. Loggers then copy one snapshot per
+        denoiser call instead of one per layer call. None (the default): ask :meth:`last_decision`
+        after each layer call."""
+        return None
+
     @property
     @abc.abstractmethod
     def num_layers(self) -> int:

@@ -42,6 +42,9 @@ class ConstantGates(FusionMethod):
     def last_decision(self, layer: int) -> Decision:
         return Decision(self._gates.reshape(1, 2))
 
+    def step_decisions(self) -> Decision | None:
+        return Decision(self._gates.expand(self._n, 2)) if hasattr(self, "_gates") else None
+
 
 class LinearMerge(ConstantGates):
     """Options: ``subject_weight``, ``style_weight`` (default 1.0 each, diffusers' default)."""

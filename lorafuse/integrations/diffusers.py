@@ -215,6 +215,9 @@ class FusionHandle:
         self._run_marker = None
         self._call_info: dict[int, tuple[Any, Any]] = {}  # call -> (timestep (0-d), tau), while logging
         self._raw_log: list[tuple] = []  # (layer, call, gates, stats, tau) of the current call, device tensors
+        # methods that decide once per step (StaticSelectMethod, ConstantGates): one snapshot per call
+        self._snapshots: dict[int, Any] = {}  # call -> Decision of every layer (cloned), or None
+        self._light_log: list[tuple[int, int]] = []  # (layer, call) whose decision is in _snapshots
         self._batches: list[tuple] = []  # _raw_log of finished calls, stacked per field
         self._log: list[dict] = []
         self.guidance = None  # a lorafuse.guidance.GuidanceHandle when accelerate_fusion(guidance=...)
@@ -235,12 +238,14 @@ class FusionHandle:
     @property
     def gate_log(self) -> list[dict]:
         """One dict per (layer, layer call inside a denoiser call), converted to Python lazily."""
-        if self._raw_log or self._batches:
+        if self._raw_log or self._light_log or self._batches:
             self._flush_log()
         return self._log
 
     def clear_gate_log(self) -> None:
         self._raw_log.clear()
+        self._light_log.clear()
+        self._snapshots.clear()
         self._batches.clear()
         self._log.clear()
         self._call_info.clear()
@@ -540,15 +545,44 @@ class FusionHandle:
 
     # ---------------- logging ----------------
     def _record(self, index: int) -> None:
-        d = self.method.last_decision(index)
-        g = d.gates.detach().clone() if isinstance(d.gates, torch.Tensor) else torch.as_tensor(d.gates)
-        stats = {k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in (d.stats or {}).items()}
-        tau = d.tau.detach().clone() if isinstance(d.tau, torch.Tensor) else d.tau
-        self._raw_log.append((index, self.calls - 1, g, stats, tau))
+        call = self.calls - 1
+        if call not in self._snapshots:  # first record of this call: can the whole step be copied at once?
+            d = self.method.step_decisions()
+            self._snapshots[call] = None if d is None else _clone_decision(d)
+        if self._snapshots[call] is not None:
+            self._light_log.append((index, call))
+            return
+        d = _clone_decision(self.method.last_decision(index))
+        self._raw_log.append((index, call, d.gates, d.stats, d.tau))
+
+    def _expand_light(self) -> list[tuple]:
+        """The (layer, call) records of per-step methods as batches like :meth:`_compact`'s: each
+        field gathered from the call's snapshot (a few device ops per call, none per layer)."""
+        by_call: dict[int, list[int]] = {}
+        for index, call in self._light_log:
+            by_call.setdefault(call, []).append(index)
+        self._light_log = []
+        batches = []
+        for call, idx in by_call.items():
+            d = self._snapshots.pop(call)
+            n = len(idx)
+            rows = torch.tensor(idx, device=d.gates.device)
+
+            def per_layer(v):
+                if not isinstance(v, torch.Tensor):
+                    return [v] * n
+                return v.index_select(0, rows) if v.dim() == 1 else v.reshape(()).expand(n)
+
+            batches.append((idx, [call] * n, d.gates.index_select(0, rows).unsqueeze(1),
+                            {k: per_layer(v) for k, v in d.stats.items()}, per_layer(d.tau)))
+        return batches
 
     def _compact(self) -> None:
         """Stack the pending per-layer records of one denoiser call into one tensor per field (device
         ops only, no sync): bounded memory and one host copy per field when the log is read."""
+        if self._light_log:
+            self._batches.extend(self._expand_light())
+        self._snapshots.clear()  # a later record of the current call takes a new snapshot
         pend = self._raw_log
         if not pend:
             return
@@ -609,6 +643,17 @@ class FusionHandle:
                         entry.setdefault(k, v[j])
                 self._log.append(entry)
         self._batches.clear()
+
+
+def _clone_decision(d):
+    """A Decision whose tensors are detached copies (the method's are views of live state)."""
+    from ..fusion.base import Decision
+
+    def copy(v):
+        return v.detach().clone() if isinstance(v, torch.Tensor) else v
+
+    gates = copy(d.gates) if isinstance(d.gates, torch.Tensor) else torch.as_tensor(d.gates)
+    return Decision(gates, copy(d.tau), {k: copy(v) for k, v in (d.stats or {}).items()})
 
 
 def _to_py(v):

@@ -38,19 +38,6 @@ BUILD = {"sd15": sd15_pipeline, "sdxl": sdxl_pipeline, "sd3": sd3_pipeline, "flu
 ATOL = 2e-5
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    from diffusers.utils import logging as dlog
-
-    level = dlog.get_verbosity()
-    dlog.set_verbosity_error()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-        yield
-    dlog.set_verbosity(level)
-
-
 def make(family, **kw):
     pipe = BUILD[family]()
     load_two(pipe, family, **kw)
@@ -484,3 +471,29 @@ def test_klora_official_mode_gate_log_matches_counter_schedule():
     log3 = h.gate_log[2 * steps * L:]
     h.remove()
     assert close(out, replay(pipe, "sd15", log3, steps))
+
+
+@pytest.mark.parametrize("name, options", [("klora", {}), ("est", {"D": 0.3}), ("merge", _merge_options(MERGE_W))])
+def test_per_step_snapshot_log_equals_per_layer_log(name, options):
+    """Methods that decide once per step log one snapshot per denoiser call (step_decisions); the log
+    must equal, entry for entry, the per-layer-call log (last_decision after every layer), also when
+    it is read in the middle of a run."""
+    from lorafuse.fusion import get_method
+
+    class PerLayer(type(get_method(name))):
+        def step_decisions(self):
+            return None
+
+    pipe = make("sd15")
+    logs = []
+    for method in (get_method(name, **options), PerLayer(**options)):
+        h = accelerate_fusion(pipe, "sbj", "sty", method, backend="torch")
+        seen = []
+        # a read between denoiser calls, while records of the previous call are pending
+        run(pipe, "sd15", steps=3, callback_on_step_end=lambda p, i, t, kw: seen.append(len(h.gate_log)) or kw)
+        logs.append((h.gate_log, seen))
+        h.remove()
+    (fast, seen_fast), (slow, seen_slow) = logs
+    assert seen_fast == seen_slow and len(fast) == len(slow) == 3 * len(peft_layers(denoiser(pipe)))
+    assert fast == slow
+    assert {"subject", "style", "tau", "layer", "call"} <= set(fast[0])
