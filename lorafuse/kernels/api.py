@@ -182,7 +182,6 @@ def fused_lora_forward(
 
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)
-    M = x2.shape[0]
     if impl == "triton":
         x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
         w = weight if weight.stride(-1) == 1 else weight.contiguous()

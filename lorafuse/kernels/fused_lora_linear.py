@@ -64,9 +64,9 @@ def fused_lora_linear_torch(
 
     x (M, K), gates (G, L) fp32 or None. With per-layer gates held on the CPU, LoRAs gated to exactly
     zero are skipped in eager mode (reading a CPU tensor is no device sync), so a K-LoRA layer pays for
-    one LoRA, and a single gate of exactly 1 skips the gate multiply (y += (x A_i^T) (s_i B_i)^T: the
-    same products as the general path, whose multiply by 1 is exact); under torch.compile every LoRA
-    runs with its gate instead of breaking the graph.
+    one LoRA, and gates of exactly 1 skip the gate multiply (y += (x A_i^T) (s_i B_i)^T: the same
+    products as the general path, whose multiply by 1 is exact); under torch.compile every LoRA runs
+    with its gate instead of breaking the graph.
     """
     y = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
     a, b, owner = packed.a_compact, packed.b_compact, packed.compact_lora
@@ -76,9 +76,11 @@ def fused_lora_linear_torch(
         active = [i for i, v in enumerate(values) if v != 0.0]
         if not active:
             return y
-        if len(active) == 1 and values[active[0]] == 1.0:  # K-LoRA / EST: one LoRA, nothing to scale
-            a_i, b_i = packed.compact_blocks[active[0]]
-            return y.addmm_(x @ a_i.t(), b_i.t())
+        unit = all(values[i] == 1.0 for i in active)
+        if unit and len(active) in (1, packed.num_loras):  # K-LoRA / EST, or merge at weight 1: no scaling
+            if len(active) == 1:
+                a, b = packed.compact_blocks[active[0]]
+            return y.addmm_(x @ a.t(), b.t())
         if len(active) == 1 and packed.num_loras > 1:
             i = active[0]
             cols = slice(packed.offset(i), packed.offset(i) + packed.ranks[i])
