@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.run import _device_name, _git_commit
+
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
 CSV_PATH = RESULTS / "guidance_cpu.csv"
@@ -49,24 +51,6 @@ CONFIGS = {
 }
 
 
-def _tiny():
-    from lorafuse.integrations import tiny
-
-    return tiny
-
-
-def _machine() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model} ({os.cpu_count()} CPUs)"
-
-
 def _version(mod: str) -> str:
     try:
         return __import__(mod).__version__
@@ -74,25 +58,14 @@ def _version(mod: str) -> str:
         return "none"
 
 
-def _git_commit() -> str:
-    import subprocess
-
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True, timeout=10)
-        return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if rev.returncode == 0 else "unknown"
-    except (OSError, Exception):  # noqa: BLE001
-        return "unknown"
-
-
 def build(config: str):
     """(pipeline with "sbj"/"sty" loaded, GuidanceConfig factory, pixels) for a config name."""
     from diffusers import AutoencoderKL, StableDiffusionPipeline
 
     from lorafuse.guidance import CLIPScorer, DINOScorer, GuidanceConfig
+    from lorafuse.integrations import tiny
 
     size, vae_blocks, px, (s_px, s_w, s_layers) = CONFIGS[config]
-    tiny = _tiny()
     pipe = tiny.sd15_pipeline(size=size)
     if tuple(vae_blocks) != (8,):
         torch.manual_seed(0)
@@ -194,7 +167,7 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore", message=".*peft_config.*")
     meta = {
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "torch_threads": torch.get_num_threads(), "machine": _machine(), "python": platform.python_version(),
+        "torch_threads": torch.get_num_threads(), "machine": _device_name(torch.device("cpu")), "python": platform.python_version(),
         "torch": torch.__version__, "diffusers": _version("diffusers"), "transformers": _version("transformers"),
         "peft": _version("peft"), "git_commit": _git_commit(),
     }

@@ -132,7 +132,7 @@ def test_constant_gates_match_dense_merge(name, options, weights, backend):
     for step, tau in enumerate((0.0, 0.6, torch.tensor(0.99, device=DEVICE))):
         m.begin_step(Progress(tau=tau, step=step))
         for l, layer in enumerate(layers):
-            (A, B, _), K, N = layer.subject, layer.subject[0].shape[1], layer.subject[1].shape[0]
+            K, N = layer.subject[0].shape[1], layer.subject[1].shape[0]
             x = torch.randn(2, 5, K, device=DEVICE)
             W, b = torch.randn(N, K, device=DEVICE) / K**0.5, torch.randn(N, device=DEVICE) if l != 1 else None
             y = m.layer_forward(l, x, W, b, PackedLoRA.pack([layer.subject, layer.style]), backend=backend)

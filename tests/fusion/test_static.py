@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lorafuse.fusion import ESTLoRA, KLoRA, LayerLoRAs, Progress, get_method
+from lorafuse.fusion import LayerLoRAs, Progress, get_method
 from lorafuse.fusion.schedule import official_tau, time_scale
 from lorafuse.kernels import PackedLoRA
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import re
 import struct
-import warnings
 
 import pytest
 import torch
@@ -30,21 +29,6 @@ from .tiny import (  # noqa: E402
     sdxl_pipeline,
     to_kohya,
 )
-
-
-@pytest.fixture(autouse=True)
-def _quiet():
-    from diffusers.utils import logging as dlog
-
-    level = dlog.get_verbosity()
-    dlog.set_verbosity_error()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-        # diffusers' own load of a kohya file with per-layer alphas (see the per-layer alpha test)
-        warnings.filterwarnings("ignore", message="The following alpha_pattern keys did not match")
-        yield
-    dlog.set_verbosity(level)
 
 
 # ------------------------------------------------------------------------------------------------
