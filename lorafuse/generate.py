@@ -138,10 +138,7 @@ def run(args: argparse.Namespace) -> dict:
 def main(args: argparse.Namespace) -> int:
     try:
         report = run(args)
-    except UsageError as exc:
-        print(f"lorafuse generate: {exc}", file=sys.stderr)
-        return 2
-    except ValueError as exc:  # bad LoRA files and fusion options: the message names the file / layer
+    except ValueError as exc:  # UsageError, bad LoRA files, fusion options: the message names the culprit
         print(f"lorafuse generate: {exc}", file=sys.stderr)
         return 2
     share = report["gates"]["subject_share"]

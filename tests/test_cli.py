@@ -199,3 +199,12 @@ def test_inspect_kohya_file_with_alpha(model_dir, tmp_path, capsys):
     assert info["scales"] == {"0.5": 32}  # alpha / r = 2 / 4
     want = load_lora_layers(peft_file)
     assert sorted(info["layers"]) == sorted(want)
+
+
+def test_inspect_checks_layers_against_a_model_folder(model_dir, capsys):
+    loras = model_dir / "loras"
+    argv = ["inspect", str(loras / "subject.safetensors"), "--model", str(model_dir / "model"), "--json"]
+    assert cli_main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["files"][0]["family"] == "sd"
+    assert cli_main(["inspect", str(loras / "elsewhere.safetensors"), "--model", str(model_dir / "model")]) == 2
+    assert "targets none of the model's layers" in capsys.readouterr().err
