@@ -255,3 +255,21 @@ def test_delta_kernel_compiles_for_sm80_and_sm90():
     ok = [line for line in proc.stdout.splitlines() if line.startswith("ok   sm_")]
     assert "0 failed" in proc.stdout and len(ok) == 12, proc.stdout
     assert all("STACK:0" in line for line in ok if "STACK:" in line), proc.stdout
+
+
+@pytest.mark.parametrize("case", ["random", "ramp", "reversed_ramp", "all_equal", "few_values", "zeros_and_one"])
+@pytest.mark.parametrize("k", [1, 7, 64, 500, 20000, 50000])
+def test_filtered_topk_equals_torch_topk(case, k):
+    """topk_values (group-maxima threshold, then topk of the survivors) returns exactly torch.topk's
+    values, also when the largest entries sit in one group (ramps) or everything ties."""
+    n = 40000
+    g = torch.Generator().manual_seed(k)
+    d = {
+        "random": torch.rand(n, generator=g, dtype=torch.float64),
+        "ramp": torch.arange(n, dtype=torch.float64),
+        "reversed_ramp": torch.arange(n, 0, -1, dtype=torch.float64),
+        "all_equal": torch.full((n,), 0.5, dtype=torch.float64),
+        "few_values": torch.randint(0, 3, (n,), generator=g).double(),
+        "zeros_and_one": torch.zeros(n, dtype=torch.float64).index_fill_(0, torch.tensor([n // 2]), 1.0),
+    }[case]
+    assert torch.equal(ds.topk_values(d, k), torch.topk(d, min(k, n)).values)
