@@ -146,7 +146,10 @@ def run_demo(
         raise SystemExit("lorafuse demo: --device cuda but no CUDA GPU is available")
     dtype = torch.float16 if dev.type == "cuda" else torch.float32
     size = "tiny" if tiny else "small"
-    steps = steps or (3 if tiny else 10)
+    steps = (3 if tiny else 10) if steps is None else steps
+    if steps < 1:
+        raise SystemExit(f"lorafuse demo: --steps must be at least 1, got {steps}")
+    methods = list(dict.fromkeys(methods))  # each method once, in the given order
     timing_runs = 1 if tiny else 2
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
