@@ -24,6 +24,7 @@ does to y.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ._common import HAS_TRITON, device_family, dot_precision, prune_by_family, tile_configs
 from .packing import PackedLoRA
@@ -68,7 +69,7 @@ def fused_lora_linear_torch(
     products as the general path, whose multiply by 1 is exact); under torch.compile every LoRA runs
     with its gate instead of breaking the graph.
     """
-    y = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
+    y = F.linear(x, weight, bias)  # addmm(bias, x, weight^T); x is 2-D here
     a, b, owner = packed.a_compact, packed.b_compact, packed.compact_lora
     host_gates = gates is not None and gates.shape[0] == 1 and gates.device.type == "cpu"
     if host_gates and not torch.compiler.is_compiling():  # .tolist() would break a compiled graph
@@ -79,7 +80,8 @@ def fused_lora_linear_torch(
         unit = all(values[i] == 1.0 for i in active)
         if unit and len(active) in (1, packed.num_loras):  # K-LoRA / EST, or merge at weight 1: no scaling
             if len(active) == 1:
-                a, b = packed.compact_blocks[active[0]]
+                a_t, b_t = packed.compact_blocks_t[active[0]]
+                return y.addmm_(x @ a_t, b_t)
             return y.addmm_(x @ a.t(), b.t())
         if len(active) == 1 and packed.num_loras > 1:
             i = active[0]

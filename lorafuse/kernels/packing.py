@@ -171,6 +171,11 @@ class PackedLoRA:
             blocks.append((self.a_compact[rows], self.b_compact[:, rows]))
         return tuple(blocks)
 
+    @cached_property
+    def compact_blocks_t(self) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+        """``(A_i^T, (s_i B_i)^T)`` per LoRA: transposed views of :attr:`compact_blocks` (made once)."""
+        return tuple((a.t(), b.t()) for a, b in self.compact_blocks)
+
     def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> "PackedLoRA":
         """A copy in another dtype / on another device (self when nothing changes)."""
         dtype = dtype or self.dtype
