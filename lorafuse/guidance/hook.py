@@ -238,21 +238,15 @@ class GuidanceHandle:
 @contextlib.contextmanager
 def _fusion_suspended(denoiser):
     """While the denoiser runs again with autograd, a lorafuse fusion handle on it steps aside
-    (its layers take PEFT's forward; its step counters and gate log are not advanced)."""
-    try:
-        from ..integrations.diffusers import _HANDLE_ATTR
-    except ImportError:  # pragma: no cover
-        yield
-        return
+    (:meth:`FusionHandle.suspended`: PEFT's forward, step counters and gate log untouched)."""
+    from ..integrations.diffusers import _HANDLE_ATTR
+
     h = denoiser.__dict__.get(_HANDLE_ATTR)
-    if h is None or getattr(h, "_removed", True):
+    if h is None or not h.active:
         yield
         return
-    h._removed = True
-    try:
+    with h.suspended():
         yield
-    finally:
-        h._removed = False
 
 
 def enable_guidance(pipe, config: GuidanceConfig) -> GuidanceHandle:

@@ -16,6 +16,7 @@ diffusers and PEFT are imported lazily: importing this module needs neither.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 import weakref
@@ -209,6 +210,7 @@ class FusionHandle:
         self.fallbacks: dict[str, int] = {}
         self._warned: set[str] = set()
         self._removed = False
+        self._suspended = False  # see suspended()
         self._started = False
         self.calls = 0
         self._run_step = 0
@@ -309,6 +311,16 @@ class FusionHandle:
             if d.__dict__.get(_HANDLE_ATTR) is self:
                 del d.__dict__[_HANDLE_ATTR]
 
+    @contextlib.contextmanager
+    def suspended(self):
+        """Within the block the patched layers run PEFT's own forward and denoiser calls are not
+        counted or logged (e.g. an extra autograd pass of the denoiser); afterwards all is as before."""
+        previous, self._suspended = self._suspended, True
+        try:
+            yield self
+        finally:
+            self._suspended = previous
+
     def __enter__(self):
         return self
 
@@ -391,7 +403,7 @@ class FusionHandle:
         @torch._dynamo.disable
         def pre_hook(module, args, kwargs):
             h = ref()
-            if h is None or h._removed:
+            if h is None or h._removed or h._suspended:
                 return None
             if "timestep" in kwargs:
                 ts = kwargs["timestep"]
@@ -433,7 +445,7 @@ class FusionHandle:
 
         def forward(x, *args, **kwargs):
             h = ref()
-            if h is None or h._removed:
+            if h is None or h._removed or h._suspended:
                 return cls_forward(m, x, *args, **kwargs)
             if torch.compiler.is_compiling():  # traced: no host bookkeeping, no graph breaks
                 if h._check(m, x, args, kwargs) is not None:

@@ -497,3 +497,17 @@ def test_per_step_snapshot_log_equals_per_layer_log(name, options):
     assert seen_fast == seen_slow and len(fast) == len(slow) == 3 * len(peft_layers(denoiser(pipe)))
     assert fast == slow
     assert {"subject", "style", "tau", "layer", "call"} <= set(fast[0])
+
+
+def test_suspended_runs_peft_and_counts_nothing():
+    pipe = make("sd15")
+    pipe.set_adapters(["sbj", "sty"], [1.0, 1.0])
+    peft_out = run(pipe, "sd15")  # PEFT with both adapters active, no lorafuse
+    h = accelerate_fusion(pipe, "sbj", "sty", "klora", backend="torch")
+    fused = run(pipe, "sd15")
+    calls, logged = h.calls, len(h.gate_log)
+    with h.suspended():
+        assert torch.equal(run(pipe, "sd15"), peft_out)
+    assert (h.calls, len(h.gate_log)) == (calls, logged) and h.fallbacks == {}
+    assert torch.equal(run(pipe, "sd15"), fused)
+    h.remove()
