@@ -110,8 +110,7 @@ def check_gates(gates, x: torch.Tensor, num_loras: int, what: str = _WHAT) -> tu
     if not (gates.is_floating_point() or gates.dtype == torch.bool):
         raise TypeError(f"{what}: gates must be a float tensor, got {gates.dtype}")
     if gates.dim() == 1 and gates.shape[0] == num_loras:
-        g = gates if gates.dtype == torch.float32 else gates.to(torch.float32)
-        return g.view(1, num_loras) if g.is_contiguous() else g.reshape(1, num_loras).contiguous(), max(M, 1)
+        return gates.to(torch.float32).reshape(1, num_loras).contiguous(), max(M, 1)
     if gates.dim() == 2 and gates.shape[1] == num_loras:
         if x.dim() < 2 or gates.shape[0] != x.shape[0]:
             raise ValueError(

@@ -77,16 +77,15 @@ def fused_lora_linear_torch(
         active = [i for i, v in enumerate(values) if v != 0.0]
         if not active:
             return y
-        unit = all(values[i] == 1.0 for i in active)
-        if unit and len(active) in (1, packed.num_loras):  # K-LoRA / EST, or merge at weight 1: no scaling
-            if len(active) == 1:
-                a_t, b_t = packed.compact_blocks_t[active[0]]
-                return y.addmm_(x @ a_t, b_t)
-            return y.addmm_(x @ a.t(), b.t())
-        if len(active) == 1 and packed.num_loras > 1:
+        if len(active) == 1:  # K-LoRA / EST: only this LoRA's unpadded block
             i = active[0]
-            cols = slice(packed.offset(i), packed.offset(i) + packed.ranks[i])
-            a, b, owner = a[cols], b[:, cols], owner[cols]
+            a_t, b_t = packed.compact_blocks_t[i]
+            u = x @ a_t
+            if values[i] != 1.0:
+                u.mul_(gates[0, i].to(u.dtype))
+            return y.addmm_(u, b_t)
+        if all(v == 1.0 for v in values):  # merge at weight 1: nothing to scale
+            return y.addmm_(x @ a.t(), b.t())
     u = x @ a.t()
     if gates is not None:
         coef = gates.to(u.dtype).index_select(1, owner)  # (G, columns)

@@ -163,18 +163,14 @@ class PackedLoRA:
         return sum(self.ranks[:i])
 
     @cached_property
-    def compact_blocks(self) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
-        """``(A_i, s_i B_i)`` per LoRA, unpadded views of ``a_compact`` / ``b_compact`` (made once)."""
+    def compact_blocks_t(self) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+        """``(A_i^T, (s_i B_i)^T)`` per LoRA: transposed, unpadded views of ``a_compact`` /
+        ``b_compact`` (made once; the torch path's single-LoRA calls)."""
         blocks = []
         for i, r in enumerate(self.ranks):
             rows = slice(self.offset(i), self.offset(i) + r)
-            blocks.append((self.a_compact[rows], self.b_compact[:, rows]))
+            blocks.append((self.a_compact[rows].t(), self.b_compact[:, rows].t()))
         return tuple(blocks)
-
-    @cached_property
-    def compact_blocks_t(self) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
-        """``(A_i^T, (s_i B_i)^T)`` per LoRA: transposed views of :attr:`compact_blocks` (made once)."""
-        return tuple((a.t(), b.t()) for a, b in self.compact_blocks)
 
     def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> "PackedLoRA":
         """A copy in another dtype / on another device (self when nothing changes)."""

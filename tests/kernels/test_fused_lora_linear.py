@@ -80,13 +80,16 @@ def test_matches_fp64_formula(case, dtype, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("gate_kind", ["layer", "sample"])
+@pytest.mark.parametrize("gate_kind", ["layer", "layer_one_scaled", "layer_both_scaled", "layer_ones", "sample"])
 @pytest.mark.parametrize("bias", [True, False])
 def test_gates_and_3d_input(backend, gate_kind, bias):
-    # x (batch=3, tokens=13, K): per-sample gates own 13 contiguous rows each
+    # x (batch=3, tokens=13, K): per-sample gates own 13 contiguous rows each. Per-layer gates cover the
+    # torch path's shortcuts: one LoRA at gate 1 or another value, every LoRA at gate 1, the general case
     x, W, b, loras = make_layer(None, 72, 80, (4, 13), (1.0, -0.5), bias=bias, lead=(3, 13))
-    if gate_kind == "layer":
-        gates = torch.tensor([0.0, 1.0], device=DEVICE)
+    layer_gates = {"layer": [0.0, 1.0], "layer_one_scaled": [-0.7, 0.0], "layer_both_scaled": [0.4, 1.0],
+                   "layer_ones": [1.0, 1.0]}
+    if gate_kind in layer_gates:
+        gates = torch.tensor(layer_gates[gate_kind], device=DEVICE)
     else:
         gates = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.3, -2.0]], device=DEVICE)
     y = fused_lora_linear(x, W, b, loras, gates, backend=backend)
