@@ -26,16 +26,13 @@ import torch
 
 
 def describe_file(path: str, family: str | None = None, unet_config: dict | None = None) -> dict:
-    """Format, family, layers {path: (A, B, scale)}, rank and alpha histograms of one LoRA file."""
-    from .integrations.lora_files import detect_format, guess_family, load_lora_layers, read_safetensors
+    """Format, family, layers {path: (A, B, scale)}, rank and scale histograms of one LoRA file."""
+    from .integrations.lora_files import read_lora_file
 
-    keys = list(read_safetensors(path))
-    fmt = detect_format(keys, path)
-    fam = guess_family(fmt, keys, family)
-    layers = load_lora_layers(path, family=fam, unet_config=unet_config)
-    ranks = Counter(A.shape[0] for A, _, _ in layers.values())
-    scales = Counter(round(float(s), 6) for _, _, s in layers.values())
-    return {"file": path, "format": fmt, "family": fam, "keys": len(keys), "layers": layers,
+    f = read_lora_file(path, family=family, unet_config=unet_config)
+    ranks = Counter(A.shape[0] for A, _, _ in f.layers.values())
+    scales = Counter(round(float(s), 6) for _, _, s in f.layers.values())
+    return {"file": path, "format": f.format, "family": f.family, "keys": f.num_tensors, "layers": f.layers,
             "ranks": dict(sorted(ranks.items())), "scales": dict(sorted(scales.items()))}
 
 
@@ -46,12 +43,8 @@ def pair_statistics(subject: dict, style: dict, steps: int) -> dict:
     names = [p for p in subject if p in style]
     if not names:
         raise ValueError("the two LoRAs target no common layer")
-    for p in names:
-        (A_c, B_c, _), (A_s, B_s, _) = subject[p], style[p]
-        if (B_c.shape[0], A_c.shape[1]) != (B_s.shape[0], A_s.shape[1]):
-            raise ValueError(f"layer {p!r}: the subject LoRA is {B_c.shape[0]} x {A_c.shape[1]}, "
-                             f"the style LoRA {B_s.shape[0]} x {A_s.shape[1]}")
-    layers = [LayerLoRAs(p, tuple(_f64(subject[p])), tuple(_f64(style[p]))) for p in names]
+    # prepare() checks the pairs (target shapes, finite weights); the statistics are computed in fp64
+    layers = [LayerLoRAs(p, subject[p], style[p]) for p in names]
     taus = [k / steps for k in range(steps)]
     out = {"layers": names, "steps": steps}
     for key, method in (("klora", KLoRA(stats_backend="torch")), ("est", ESTLoRA(stats_backend="torch"))):
@@ -64,11 +57,6 @@ def pair_statistics(subject: dict, style: dict, steps: int) -> dict:
             "first_flip": [_first_flip(row) for row in table.tolist()],
         }
     return out
-
-
-def _f64(lora):
-    A, B, scale = lora
-    return A.double(), B.double(), float(scale)
 
 
 def _first_flip(row: list[bool]) -> int | None:

@@ -115,14 +115,30 @@ def _loader(family: str):
     }[family]
 
 
+class LoRAFile(NamedTuple):
+    """One file read by :func:`read_lora_file`: its denoiser ``layers`` {module path: (A, B, scale)},
+    key ``format`` (:func:`detect_format`), model ``family`` and the number of tensors in it."""
+
+    layers: dict
+    format: str
+    family: str
+    num_tensors: int
+
+
 def load_lora_layers(
     path: str | os.PathLike, *, family: str | None = None, unet_config: dict | None = None
 ) -> dict[str, LoRATriple]:
     """One LoRA file -> {denoiser module path: (A, B, scale)} (see the module docstring)."""
+    return read_lora_file(path, family=family, unet_config=unet_config).layers
+
+
+def read_lora_file(path: str | os.PathLike, *, family: str | None = None, unet_config: dict | None = None) -> LoRAFile:
+    """:func:`load_lora_layers` plus what was found on the way (format, family, tensor count)."""
     from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
 
     path = os.fspath(path)
     tensors = read_safetensors(path)
+    num_tensors = len(tensors)
     fmt = detect_format(tensors, path)
     family = guess_family(fmt, tensors, family)
     if _unprefixed(fmt, tensors):
@@ -191,7 +207,7 @@ def load_lora_layers(
         layers[module] = (A, B, scale)
     if not layers:
         raise ValueError(f"LoRA file {path!r}: no {family} denoiser linear layers (keys under {prefix!r}) in it")
-    return layers
+    return LoRAFile(layers, fmt, family, num_tensors)
 
 
 def load_lora_pair(
