@@ -55,6 +55,16 @@ def load_pipeline(model: str, device, dtype: torch.dtype):
     return pipe.to(device)
 
 
+def denoiser_of(pipe, model: str):
+    """(the pipeline's UNet or transformer, the UNet's config as a dict or None): what LoRA files are
+    checked against, and what SDXL kohya keys need to be converted."""
+    unet = getattr(pipe, "unet", None)
+    denoiser = unet if unet is not None else getattr(pipe, "transformer", None)
+    if denoiser is None:
+        raise UsageError(f"--model {model!r}: {type(pipe).__name__} has no unet or transformer to fuse LoRAs into")
+    return denoiser, (dict(unet.config) if unet is not None else None)
+
+
 def _parse_options(pairs: list[str]) -> dict:
     """``KEY=VALUE`` strings -> {key: int | float | bool | None | str}."""
     options = {}
@@ -87,10 +97,7 @@ def run(args: argparse.Namespace) -> dict:
     out = Path(args.out)
 
     pipe = load_pipeline(args.model, device, dtype)
-    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
-    if denoiser is None:
-        raise UsageError(f"--model {args.model!r}: {type(pipe).__name__} has no unet or transformer to fuse LoRAs into")
-    unet_config = dict(denoiser.config) if getattr(pipe, "unet", None) is not None else None
+    denoiser, unet_config = denoiser_of(pipe, args.model)
     for role in ("subject", "style"):  # all checks before anything is loaded into the pipeline
         path = getattr(args, role)
         check_against_model(load_lora_layers(path, unet_config=unet_config), denoiser, path)

@@ -103,11 +103,10 @@ def main(args: argparse.Namespace) -> int:
     unet_config, model = None, None
     try:
         if args.model:
-            from .generate import load_pipeline
+            from .generate import denoiser_of, load_pipeline
 
             model = load_pipeline(args.model, "cpu", torch.float32)
-            denoiser = getattr(model, "unet", None) or getattr(model, "transformer")
-            unet_config = dict(denoiser.config) if hasattr(model, "unet") else None
+            denoiser, unet_config = denoiser_of(model, args.model)
         infos = [describe_file(os.fspath(f), args.family, unet_config) for f in files]
         if model is not None:
             from .integrations.lora_files import check_against_model
