@@ -82,3 +82,15 @@ def test_fusion_methods_benchmark_smoke(tmp_path, capsys):
         few = FM.count_ops(lambda: method.begin_step(FM.Progress(tau=0.25)))
         method.prepare(layers[:2], "cpu")
         assert FM.count_ops(lambda: method.begin_step(FM.Progress(tau=0.25))) == few  # O(1) in the layer count
+
+
+def test_overhead_probe_and_free_gate_log():
+    """benchmarks.overhead counts the aten ops of one patched layer call; methods that decide once
+    per step log from a per-call snapshot, so logging adds no op to their layer calls."""
+    pytest.importorskip("diffusers")
+    from benchmarks.overhead import layer_op_counts
+
+    counts = layer_op_counts()
+    assert counts["peft"] > 0 and counts["kl log=True"] > 0
+    for method in ("klora", "est", "merge"):
+        assert counts[f"{method} log=True"] == counts[f"{method} log=False"], counts
