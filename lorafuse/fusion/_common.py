@@ -192,6 +192,12 @@ class StaticSelectMethod(FusionMethod):
     def layer_forward(self, layer, x, weight, bias, packed: PackedLoRA, *, backend: str = "auto"):
         return fused_lora_linear(x, weight, bias, packed, gates=self.gates(layer), backend=backend)
 
+    def layer_gates(self, layer: int):
+        """``(row, key)``: timestep mode ``(gates[layer], None)`` (device only); official mode the
+        one-hot row and ``key`` True for the subject, False for the style (host-side)."""
+        row = self.gates(layer)
+        return row, (self._last_official[layer][0] if self.tau_mode == "official" else None)
+
     def decision_table(self, taus) -> torch.Tensor:
         """(L, T) bool on the host, True where layer l selects the subject at ``taus[t]``: the same
         rule and fp64 scores the device gates use (``score_c / gamma > score_s * S(tau)``), for logs,

@@ -15,6 +15,11 @@ Life cycle, driven by an integration (diffusers) or by hand:
 4. ``method.last_decision(l)`` -> :class:`Decision` for logging (device tensors; the caller decides
    when to copy them to the host).
 
+Methods whose gates do not depend on the layer's input (K-LoRA, EST, merge) also answer
+``method.layer_gates(l)`` (the gates of this call, and a host key of them when the host knows them):
+an integration may then run the layer on merged weights ``W + sum_i g_i dW_i``, rebuilt only when
+the gates change, instead of calling ``layer_forward``.
+
 Methods never import diffusers; they call kernels and plain torch ops on small tensors.
 """
 
@@ -22,7 +27,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Hashable, Sequence
 
 import torch
 
@@ -94,6 +99,15 @@ class FusionMethod(abc.ABC):
     @abc.abstractmethod
     def last_decision(self, layer: int) -> Decision:
         """What layer ``layer`` applied on its last call."""
+
+    def layer_gates(self, layer: int) -> tuple[torch.Tensor, Hashable | None] | None:
+        """The gates layer ``layer`` applies on this call, for methods whose gates do not depend on
+        the layer's input: ``(row, key)`` with ``row`` the (2,) fp32 gates (a device tensor) and
+        ``key`` a hashable host value that is equal for equal rows, or None when only the device
+        knows the row (it is then fixed between :meth:`begin_step` calls and every layer's row is
+        in :meth:`step_decisions`). Counts as the layer's call, like :meth:`layer_forward`.
+        None (the default): the gates depend on the input, only :meth:`layer_forward` applies them."""
+        return None
 
     def step_decisions(self) -> Decision | None:
         """Every layer's decision for the current denoiser call at once, for methods whose gates are

@@ -39,6 +39,10 @@ class ConstantGates(FusionMethod):
     def layer_forward(self, layer, x, weight, bias, packed: PackedLoRA, *, backend: str = "auto"):
         return fused_lora_linear(x, weight, bias, packed, gates=self._gates, backend=backend)
 
+    def layer_gates(self, layer: int):
+        """``(gates, weights)``: the same row, known on the host, for every layer and call."""
+        return self._gates, self._weights
+
     def last_decision(self, layer: int) -> Decision:
         return Decision(self._gates.reshape(1, 2))
 

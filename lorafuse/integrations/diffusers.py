@@ -23,6 +23,7 @@ import weakref
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["FusionHandle", "FusionFallbackWarning", "accelerate_fusion", "remove_fusion"]
@@ -160,13 +161,25 @@ def _pack_eager(h, rec, m, x):
     return h._packed(rec, m, x)
 
 
+@torch._dynamo.disable
+def _leave_merged(h):
+    """A compiled graph runs the fused path on the original weights: give every layer its original
+    back (in place mode) and stop merging for this installation."""
+    if h._merged is not None:
+        h._merged.release([rec.base.weight for rec in h._layers])
+        h._merged = None
+        for rec in h._layers:
+            rec.fp = None
+
+
 def _weight_key(w: torch.Tensor):
     return (w._version, w.data_ptr(), w.dtype, w.device)
 
 
 class _Layer:
     __slots__ = (
-        "index", "component", "path", "module", "forward", "cache", "ccache", "install_weights", "stale_warned",
+        "index", "component", "path", "module", "base", "forward", "merge_guard", "cache", "ccache",
+        "install_weights", "stale_warned", "fp", "packed", "merged",
     )
 
     def __init__(self, index, component, path, module):
@@ -174,11 +187,21 @@ class _Layer:
         self.component = component
         self.path = path
         self.module = module
+        self.base = module.get_base_layer() if hasattr(module, "get_base_layer") else None
         self.forward = None
+        self.merge_guard = None  # in place mode: PEFT's merge() restores the original first
         self.cache: dict = {}
         self.ccache: dict = {}
         self.install_weights = None
         self.stale_warned = False
+        self.fp = None  # the state the last full check passed in (see FusionHandle._fingerprint)
+        self.packed = None  # fused path: the PackedLoRA of that state
+        self.merged = False  # merged path: the layer runs F.linear on its merged weight
+
+
+def _scales_key(m, s, t):
+    sc = m.scaling
+    return _scale_key(sc[s]), _scale_key(sc[t])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -195,12 +218,16 @@ class FusionHandle:
         calls: denoiser calls seen since installation.
     """
 
-    def __init__(self, pipe, denoisers, method, subject, style, backend, log_gates, scheduler, timestep_divisor):
+    def __init__(self, pipe, denoisers, method, subject, style, backend, log_gates, scheduler, timestep_divisor,
+                 weights="scratch"):
         self._denoisers = denoisers
         self.method = method
         self.subject = subject
         self.style = style
         self.backend = backend
+        self.weights = weights
+        self._merged = None  # MergedWeights when the method's gates are fixed within a denoiser call
+        self._host_gates = False  # merged path with gates known on the host per layer call (official tau)
         self.log_gates = bool(log_gates)
         self._scheduler = scheduler
         self._timestep_divisor = timestep_divisor
@@ -294,8 +321,13 @@ class FusionHandle:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+        if self._merged is not None:  # in place mode: every original back, bit for bit
+            self._merged.release([rec.base.weight if rec.base is not None else None for rec in self._layers])
+            self._merged = None
         for rec in self._layers:
             m = rec.module
+            if rec.merge_guard is not None and m.__dict__.get("merge") is rec.merge_guard:
+                del m.__dict__["merge"]
             if m.__dict__.get("forward") is rec.forward:
                 del m.__dict__["forward"]
             elif getattr(m, "_old_forward", None) is rec.forward:  # an accelerate hook was added on top
@@ -370,6 +402,14 @@ class FusionHandle:
         w0 = loras[0].subject[0]
         device = None if w0.is_meta else w0.device
         self.method.prepare(loras, device)
+        from ..fusion.base import FusionMethod
+
+        if (self.weights != "off" and not self.method.dynamic
+                and type(self.method).layer_gates is not FusionMethod.layer_gates):
+            from .merged import MergedWeights
+
+            self._merged = MergedWeights(len(self._layers), self.weights, self.backend)
+            self._host_gates = self.method.step_decisions() is None  # official tau: per-call host gates
         for rec in self._layers:
             m = rec.module
             w = m.get_base_layer().weight if hasattr(m, "get_base_layer") else None
@@ -381,6 +421,9 @@ class FusionHandle:
                 continue
             rec.forward = self._make_forward(rec)
             m.forward = rec.forward
+            if self._merged is not None and self._merged.mode == "inplace" and "merge" not in m.__dict__:
+                rec.merge_guard = self._make_merge_guard(rec)
+                m.merge = rec.merge_guard
         for comp, d in self._denoisers:
             pos = _timestep_position(d)
             self._hooks.append(d.register_forward_pre_hook(self._make_pre_hook(pos), with_kwargs=True))
@@ -427,6 +470,8 @@ class FusionHandle:
                 h._run_step = 0
             num_steps = getattr(sched, "num_inference_steps", None) if sched is not None else None
             h.method.begin_step(Progress(tau=tau, step=h._run_step, num_steps=num_steps, timestep=ts))
+            if h._merged is not None and not h._host_gates:  # rebuild the layers whose gates flipped
+                h._merged.step(h.method.step_decisions().gates)
             if h.log_gates:
                 h._compact()
                 h._call_info[h.calls] = (t0, tau)
@@ -442,12 +487,20 @@ class FusionHandle:
         ref = weakref.ref(self)
         m = rec.module
         cls_forward = type(m).forward
+        index = rec.index
+        linear = F.linear
+        params = rec.base._parameters if rec.base is not None else {}
 
         def forward(x, *args, **kwargs):
             h = ref()
-            if h is None or h._removed or h._suspended:
+            if h is None or h._removed:
+                return cls_forward(m, x, *args, **kwargs)
+            if h._suspended:
+                h._hand_back(rec)
                 return cls_forward(m, x, *args, **kwargs)
             if torch.compiler.is_compiling():  # traced: no host bookkeeping, no graph breaks
+                if h._merged is not None:
+                    _leave_merged(h)  # one graph break, once: compiled graphs run the fused path
                 if h._check(m, x, args, kwargs) is not None:
                     return cls_forward(m, x, *args, **kwargs)
                 packed = rec.ccache.get((_compile_key(m.scaling[h.subject]), _compile_key(m.scaling[h.style]),
@@ -455,19 +508,114 @@ class FusionHandle:
                 if packed is None:
                     packed = _pack_eager(h, rec, m, x)
                 base = m.get_base_layer()
-                return h.method.layer_forward(rec.index, x, base.weight, base.bias, packed, backend=h.backend)
-            reason = h._check(m, x, args, kwargs)
-            if reason is not None:
-                h._fallback(reason)
-                return cls_forward(m, x, *args, **kwargs)
-            packed = h._packed(rec, m, x)
-            base = m.get_base_layer()
-            y = h.method.layer_forward(rec.index, x, base.weight, base.bias, packed, backend=h.backend)
+                return h.method.layer_forward(index, x, base.weight, base.bias, packed, backend=h.backend)
+            fp = h._fingerprint(rec, m, x) if not (args or kwargs) else None
+            if fp is None or fp != rec.fp:  # something changed since the last full check: check again
+                reason = h._check(m, x, args, kwargs)
+                if reason is not None:
+                    h._fallback(reason)
+                    h._hand_back(rec)
+                    return cls_forward(m, x, *args, **kwargs)
+                h._prepare_layer(rec, m, x)
+                rec.fp = fp
+            if rec.merged:
+                merged = h._merged
+                if h._host_gates:  # official tau: this call's gates are known on the host
+                    row, key = h.method.layer_gates(index)
+                    if key is None:  # a method with neither step_decisions() nor host keys: fused path
+                        return h._unmergeable(rec, m, x, row)
+                    if key != merged.layers[index].gate_key:
+                        h._build(rec, m, row, key)
+                y = linear(x, merged.layers[index].dst, params.get("bias"))
+            else:
+                y = h.method.layer_forward(index, x, params["weight"], params.get("bias"), rec.packed,
+                                           backend=h.backend)
             if h.log_gates:
-                h._record(rec.index)
+                h._record(index)
             return y
 
         return forward
+
+    def _fingerprint(self, rec: _Layer, m, x):
+        """Everything the full check (:meth:`_check`) and the layer's packed / merged state depend on
+        that can change between calls, as a tuple compared by value (objects by id): when it equals
+        the one of the last full check, the call skips both. None (autograd enabled, an adapter
+        gone): check every call."""
+        if torch.is_grad_enabled():
+            return None
+        s, t = self.subject, self.style
+        try:
+            la, lb = m._modules["lora_A"]._modules, m._modules["lora_B"]._modules
+            mods = (la[s], lb[s], la[t], lb[t])
+            scales = _scales_key(m, s, t)
+        except KeyError:
+            return None
+        w = rec.base._parameters.get("weight")
+        if w is None:
+            return None
+        active = m._active_adapter
+        return (
+            m._disable_adapters, len(m.merged_adapters), tuple(active) if type(active) is list else active,
+            m.training, x.dtype, x.device, scales, id(w), w.data_ptr(), w.dtype, id(rec.base._parameters.get("bias")),
+            tuple(id(q) for q in mods), tuple(q._parameters["weight"]._version for q in mods),
+        )
+
+    def _prepare_layer(self, rec: _Layer, m, x) -> None:
+        """After a passed full check: put the layer on the merged path (building its weight unless
+        the gates are host-side and the call builds it) or pack its LoRAs for the fused path."""
+        self._check_stale(rec, m)
+        if self._merged is not None:
+            rec.merged = True
+            if not self._host_gates:  # device-side gates: build now with this step's row
+                self._build(rec, m, self.method.step_decisions().gates[rec.index], None)
+            else:
+                self._merged.restore(rec.index, rec.base.weight)  # the call builds it with its own gates
+            return
+        rec.merged = False
+        rec.packed = self._packed(rec, m, x)
+
+    def _build(self, rec: _Layer, m, row, key) -> None:
+        s, t = self.subject, self.style
+        loras = [(m.lora_A[a].weight, m.lora_B[a].weight, m.scaling[a]) for a in (s, t)]
+        pack_key = (_scales_key(m, s, t), self._weights_key(m))
+        self._merged.build(rec.index, rec.base.weight, loras, pack_key, row, key)
+
+    def _unmergeable(self, rec: _Layer, m, x, row):
+        """The method gave a device-only gates row but no per-step gates: merging cannot follow it.
+        Run this call on the fused path with that row and every later call through the method."""
+        from ..kernels import fused_lora_linear
+
+        _leave_merged(self)
+        y = fused_lora_linear(x, rec.base.weight, rec.base.bias, self._packed(rec, m, x), gates=row,
+                              backend=self.backend)
+        if self.log_gates:
+            self._record(rec.index)
+        return y
+
+    def _hand_back(self, rec: _Layer) -> None:
+        """Before PEFT's own code runs on the layer: in place mode, its original weight back."""
+        rec.fp = None
+        if self._merged is not None and self._merged.mode == "inplace":
+            self._merged.restore(rec.index, rec.base.weight)
+
+    def _make_merge_guard(self, rec: _Layer):
+        ref = weakref.ref(self)
+        m = rec.module
+        cls_merge = type(m).merge
+
+        def merge(*args, **kwargs):  # fuse_lora(): PEFT adds its deltas to the original, not to W_eff
+            h = ref()
+            if h is not None and not h._removed:
+                h._hand_back(rec)
+            return cls_merge(m, *args, **kwargs)
+
+        return merge
+
+    def _check_stale(self, rec: _Layer, m) -> None:
+        if not rec.stale_warned and self._weights_key(m) != rec.install_weights:
+            rec.stale_warned = True
+            self._warn_once("LoRA weights changed after accelerate_fusion (hotswap?): the method's static "
+                            "per-layer scores are stale; call accelerate_fusion again")
 
     def _check(self, m, x, args, kwargs):
         """Why this call cannot take the fused path (None: it can). Host-side checks only."""
@@ -541,10 +689,7 @@ class FusionHandle:
         packed = rec.cache.get(key)
         if packed is not None:
             return packed
-        if wkey != rec.install_weights and not rec.stale_warned:
-            rec.stale_warned = True
-            self._warn_once("LoRA weights changed after accelerate_fusion (hotswap?): the method's static "
-                            "per-layer scores are stale; call accelerate_fusion again")
+        self._check_stale(rec, m)
         with torch.no_grad():
             packed = PackedLoRA.pack([(A_s, B_s, sc_s), (A_t, B_t, sc_t)], dtype=x.dtype, device=x.device)
         if len(rec.cache) >= 4:  # per-call `scale` alternates scalings: keep a few
@@ -688,6 +833,7 @@ def accelerate_fusion(
     log_gates: bool = True,
     timestep_divisor: float | None = None,
     guidance=None,
+    weights: str = "scratch",
     **method_options,
 ) -> FusionHandle:
     """Fuse the LoRA adapters ``subject`` and ``style`` of a diffusers pipeline with a fusion method.
@@ -706,6 +852,14 @@ def accelerate_fusion(
         guidance: a :class:`lorafuse.guidance.GuidanceConfig`: also install metric-guided latent
             refinement (Cao et al.; usually with ``method="kl"``), a wrapped ``scheduler.step`` that
             ``handle.guidance`` owns and ``handle.remove()`` undoes. Needs a pipeline with a VAE.
+        weights: where methods whose gates are fixed within a denoiser call (klora, est, merge,
+            subject, style; official tau mode too) keep each patched layer's merged weight
+            ``W + g_c dW_c + g_s dW_s``, rebuilt from the original only when the gates, scalings or
+            weights change, so that a call is one ``F.linear``: "scratch" (default; a device copy
+            per patched layer, the original untouched), "inplace" (written into the layer's weight,
+            the original kept in host memory and written back before PEFT's own code uses the layer
+            and on ``remove()``) or "off" (the fused low-rank path on every call). Dynamic methods
+            (kl) always run the fused path. See :mod:`lorafuse.integrations.merged`.
         **method_options: passed to ``get_method`` (pattern, alpha, beta, D, official mode, ...).
 
     Returns a :class:`FusionHandle`; ``handle.remove()`` or :func:`remove_fusion` undo everything.
@@ -713,6 +867,10 @@ def accelerate_fusion(
     """
     if not isinstance(subject, str) or not isinstance(style, str):
         raise TypeError("accelerate_fusion: subject and style must be adapter names (str)")
+    from .merged import WEIGHT_MODES
+
+    if weights not in WEIGHT_MODES:
+        raise ValueError(f"accelerate_fusion: weights must be one of {WEIGHT_MODES}, got {weights!r}")
     denoisers = _find_denoisers(pipe)
     remove_fusion(pipe)  # replace a previous installation
     loaded: list[str] = []
@@ -748,7 +906,7 @@ def accelerate_fusion(
     div = float(timestep_divisor) if timestep_divisor is not None else _timestep_divisor(denoisers[0][1], scheduler)
     if not (div > 0 and math.isfinite(div)):
         raise ValueError(f"accelerate_fusion: timestep_divisor must be a positive number, got {timestep_divisor}")
-    handle = FusionHandle(pipe, denoisers, fusion_method, subject, style, backend, log_gates, scheduler, div)
+    handle = FusionHandle(pipe, denoisers, fusion_method, subject, style, backend, log_gates, scheduler, div, weights)
     try:
         handle._install()
         if guidance is not None:

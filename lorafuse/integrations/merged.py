@@ -1,0 +1,169 @@
+"""Merged weights for the patched layers of methods whose gates are fixed within a denoiser call
+(K-LoRA, EST, merge; also K-LoRA/EST's official counter mode, whose gates change between calls).
+
+Such a layer runs one ``F.linear`` on its effective weight
+
+    W_eff = W + g_c dW_c + g_s dW_s,     dW_i = s_i B_i A_i     (fp32 accumulation, one rounding)
+
+and W_eff is rebuilt, always from the original W (no drift across calls or generations), only when
+the layer's gates, PEFT's live scalings or the weights change. Where W_eff lives is ``weights``:
+
+- "scratch" (default): a device copy per patched layer (+ N K itemsize bytes each); W itself is never
+  written, so PEFT, ``fuse_lora`` and ``state_dict`` keep seeing the original. The per-step rebuild of
+  the layers whose device-side gates flipped is one grouped Triton launch (no host read) on CUDA.
+- "inplace": W_eff is written into W itself and the original is kept in host memory (pinned on
+  CUDA; + N K itemsize bytes of host memory per layer). Before PEFT's own forward runs on the layer
+  (a fallback), before PEFT merges into it (``fuse_lora``) and on ``remove()`` the original is written
+  back, bit for bit. On CUDA the per-step rebuild reads the flip mask on the host (one sync per
+  denoiser call) and copies the original back to the device for each flipped layer.
+
+Data flows integrations -> kernels: the merges are :func:`lorafuse.kernels.merge_lora_weight` and
+:func:`lorafuse.kernels.merge_flipped_weights`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..kernels.merge_weight import MergeTable, merge_flipped_weights, merge_lora_weight
+from ..kernels.packing import PackedLoRA
+
+WEIGHT_MODES = ("scratch", "inplace", "off")
+
+
+class _State:
+    """One layer's merged weight: ``dst`` (what F.linear reads), ``src`` (where the original W is
+    read from: W itself in scratch mode, the host copy in place), the fp32 factors it was built with
+    (``pack`` for the scalings ``pack_key``), the host key of its gates and whether it is valid."""
+
+    __slots__ = ("src", "dst", "original", "pack", "pack_key", "gate_key", "valid")
+
+    def __init__(self):
+        self.src = self.dst = self.original = self.pack = None
+        self.pack_key = self.gate_key = None
+        self.valid = False
+
+
+class MergedWeights:
+    """The effective weights of ``num_layers`` patched layers (see the module docstring).
+
+    ``build`` (re)makes one layer from its live weight, factors and gates row; ``step`` rebuilds, at
+    the start of a denoiser call, every valid layer whose device-side gates changed; ``restore``
+    hands a layer's original weight back (in place mode) and invalidates it; ``release`` restores
+    everything and drops the copies.
+    """
+
+    def __init__(self, num_layers: int, mode: str, backend: str = "auto"):
+        if mode not in WEIGHT_MODES[:2]:
+            raise ValueError(f"MergedWeights: mode must be one of {WEIGHT_MODES[:2]}, got {mode!r}")
+        self.mode = mode
+        self.backend = backend
+        self.layers = [_State() for _ in range(num_layers)]
+        self.applied: torch.Tensor | None = None  # (layers, 2) fp32: gates each dst was built with (NaN: none)
+        self.table: MergeTable | None = None  # grouped Triton rebuild (scratch mode on a Triton backend)
+
+    def weight(self, i: int) -> torch.Tensor:
+        return self.layers[i].dst
+
+    def _use_table(self, device: torch.device) -> bool:
+        from ..kernels._common import resolve_backend
+
+        return self.mode == "scratch" and resolve_backend(self.backend, device, "merged weights") == "triton"
+
+    def build(self, i: int, weight: torch.Tensor, loras, pack_key, row: torch.Tensor, gate_key) -> torch.Tensor:
+        """(Re)build layer i: ``dst = W + sum_j row[j] dW_j`` from its original W; returns dst.
+
+        ``loras``: the two ``(A, B, scale)`` triples (scales folded in fp32 once per ``pack_key``);
+        ``row``: (2,) fp32 gates on the weight's device; ``gate_key``: their host key (or None)."""
+        st = self.layers[i]
+        w = weight.detach()
+        if st.pack is None or st.pack_key != pack_key or st.pack.device != w.device:
+            with torch.no_grad():
+                st.pack = PackedLoRA.pack(loras, dtype=torch.float32, device=w.device)
+            st.pack_key = pack_key
+        if self.mode == "scratch":
+            st.src = w
+            if st.dst is None or st.dst.shape != w.shape or st.dst.dtype != w.dtype or st.dst.device != w.device:
+                st.dst = torch.empty_like(w, memory_format=torch.contiguous_format)
+            merge_lora_weight(w, st.pack, row, out=st.dst, backend=self.backend)
+        else:
+            if st.original is None:  # first build: keep the original, exactly, in host memory
+                st.original = w.to("cpu", copy=True)
+                if w.is_cuda:
+                    st.original = st.original.pin_memory()
+            st.src = st.dst = w
+            w.copy_(st.original, non_blocking=True)
+            merge_lora_weight(w, st.pack, row, out=w, backend=self.backend)
+        st.gate_key = gate_key
+        st.valid = True
+        if gate_key is None:  # device-side gates: the step rebuild compares against this row
+            self._applied(w.device)[i].copy_(row)
+            if self._use_table(w.device):
+                table = self._table(w.device)
+                if table.accepts(st.src, st.dst, st.pack):
+                    table.set(i, st.src, st.dst, st.pack)
+                else:  # e.g. a non-contiguous weight: rebuilt on the host side of step()
+                    table.disable(i)
+        return st.dst
+
+    def _applied(self, device) -> torch.Tensor:
+        if self.applied is None or self.applied.device != device:
+            self.applied = torch.full((len(self.layers), 2), float("nan"), dtype=torch.float32, device=device)
+        return self.applied
+
+    def _table(self, device) -> MergeTable:
+        if self.table is None or self.table.device != device:
+            self.table = MergeTable(len(self.layers), 2, device)
+        return self.table
+
+    def grouped(self, i: int) -> bool:
+        """Whether layer i is rebuilt by the grouped Triton launch of :meth:`step`."""
+        return self.table is not None and self.table.rows[i] is not None
+
+    def step(self, gates: torch.Tensor) -> None:
+        """Rebuild every valid layer whose row of ``gates`` (layers, 2) differs from the row it was
+        built with. Scratch mode on Triton: one grouped launch, no host read; otherwise the flip mask
+        is read on the host (free on a CPU) and the flipped layers are rebuilt one by one."""
+        if self.applied is None:
+            return
+        grouped = self.table is not None and self.table.device == gates.device
+        host = [i for i, st in enumerate(self.layers) if st.valid and st.gate_key is None and not self.grouped(i)]
+        if host:
+            flipped = (gates != self.applied).any(dim=1).tolist()
+            for i in host:
+                if flipped[i]:
+                    st = self.layers[i]
+                    if self.mode == "inplace":
+                        st.dst.copy_(st.original, non_blocking=True)
+                    merge_lora_weight(st.src, st.pack, gates[i], out=st.dst, backend=self.backend)
+        if grouped:
+            merge_flipped_weights(self.table, gates, self.applied, backend="triton")  # also applied <- gates
+        else:
+            self.applied.copy_(gates)
+
+    def invalidate(self, i: int) -> None:
+        st = self.layers[i]
+        st.valid = False
+        st.gate_key = None
+        if self.applied is not None:
+            self.applied[i].fill_(float("nan"))
+        if self.table is not None:
+            self.table.disable(i)
+
+    def restore(self, i: int, weight: torch.Tensor | None = None) -> None:
+        """Invalidate layer i; in place mode also write its original back into ``weight`` (default:
+        the tensor it was built in), cast to that weight's dtype and device."""
+        st = self.layers[i]
+        if self.mode == "inplace" and st.valid:
+            target = (weight if weight is not None else st.dst).detach()
+            with torch.no_grad():
+                target.copy_(st.original)
+        self.invalidate(i)
+
+    def release(self, weights=None) -> None:
+        """Restore every layer (``weights[i]``: its live weight, default the one it was built in) and
+        drop every copy."""
+        for i in range(len(self.layers)):
+            self.restore(i, None if weights is None else weights[i])
+        self.layers = [_State() for _ in self.layers]
+        self.applied = self.table = None
