@@ -566,19 +566,27 @@ class FusionHandle:
         self._check_stale(rec, m)
         if self._merged is not None:
             rec.merged = True
+            weight, loras, pack_key = self._merge_inputs(rec, m)
+            if self._merged.current(rec.index, weight, pack_key):
+                return
             if not self._host_gates:  # device-side gates: build now with this step's row
-                self._build(rec, m, self.method.step_decisions().gates[rec.index], None)
+                self._merged.build(rec.index, weight, loras, pack_key, self.method.step_decisions().gates[rec.index],
+                                   None)
             else:
-                self._merged.restore(rec.index, rec.base.weight)  # the call builds it with its own gates
+                self._merged.restore(rec.index, weight)  # the call builds it with its own gates
             return
         rec.merged = False
         rec.packed = self._packed(rec, m, x)
 
-    def _build(self, rec: _Layer, m, row, key) -> None:
+    def _merge_inputs(self, rec: _Layer, m):
+        """(base weight, the two (A, B, scale) triples, their key) of a layer, as they are now."""
         s, t = self.subject, self.style
         loras = [(m.lora_A[a].weight, m.lora_B[a].weight, m.scaling[a]) for a in (s, t)]
-        pack_key = (_scales_key(m, s, t), self._weights_key(m))
-        self._merged.build(rec.index, rec.base.weight, loras, pack_key, row, key)
+        return rec.base.weight, loras, (_scales_key(m, s, t), self._weights_key(m))
+
+    def _build(self, rec: _Layer, m, row, key) -> None:
+        weight, loras, pack_key = self._merge_inputs(rec, m)
+        self._merged.build(rec.index, weight, loras, pack_key, row, key)
 
     def _unmergeable(self, rec: _Layer, m, x, row):
         """The method gave a device-only gates row but no per-step gates: merging cannot follow it.

@@ -36,12 +36,16 @@ class _State:
     read from: W itself in scratch mode, the host copy in place), the fp32 factors it was built with
     (``pack`` for the scalings ``pack_key``), the host key of its gates and whether it is valid."""
 
-    __slots__ = ("src", "dst", "original", "pack", "pack_key", "gate_key", "valid")
+    __slots__ = ("src", "dst", "original", "pack", "pack_key", "weight_key", "gate_key", "valid")
 
     def __init__(self):
         self.src = self.dst = self.original = self.pack = None
-        self.pack_key = self.gate_key = None
+        self.pack_key = self.weight_key = self.gate_key = None
         self.valid = False
+
+
+def _weight_key(w: torch.Tensor):
+    return id(w), w.data_ptr(), w.dtype, w.device
 
 
 class MergedWeights:
@@ -64,6 +68,11 @@ class MergedWeights:
 
     def weight(self, i: int) -> torch.Tensor:
         return self.layers[i].dst
+
+    def current(self, i: int, weight: torch.Tensor, pack_key) -> bool:
+        """Whether layer i holds a merged weight built from this weight and these factors."""
+        st = self.layers[i]
+        return st.valid and st.pack_key == pack_key and st.weight_key == _weight_key(weight)
 
     def _use_table(self, device: torch.device) -> bool:
         from ..kernels._common import resolve_backend
@@ -95,6 +104,7 @@ class MergedWeights:
             w.copy_(st.original, non_blocking=True)
             merge_lora_weight(w, st.pack, row, out=w, backend=self.backend)
         st.gate_key = gate_key
+        st.weight_key = _weight_key(weight)
         st.valid = True
         if gate_key is None:  # device-side gates: the step rebuild compares against this row
             self._applied(w.device)[i].copy_(row)

@@ -15,6 +15,8 @@ import argparse
 import itertools
 import sys
 
+import torch
+
 _TY = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}
 
 
@@ -84,6 +86,8 @@ def variants(family: str):
     from .fused_lora_linear import _GEMM_TABLE, _fused_lora_linear_kernel
     from .lora_fixup import FIXUP_BLOCK_M, FIXUP_BLOCK_N, _lora_fixup_kernel
     from .lora_stats import REDUCE_BLOCK_M, _reduce_lora_stats_kernel
+    from .merge_weight import (MERGE_BLOCK_K, MERGE_BLOCK_N, RANK_SLICE, _merge_flipped_kernel,
+                               _merge_lora_weight_kernel, _tl_dtype)
     from .shrink import _SHRINK_TABLE, _lora_shrink_kernel
 
     gemm = [(w, s, kw) for kw, w, s in _GEMM_TABLE[family]]
@@ -116,6 +120,21 @@ def variants(family: str):
                     DOT_PRECISION="ieee"),
                [(4, 3, {})],  # the launch's defaults
                (("stride_ak", "stride_br", "stride_ok"), ("row0", "K", "stride_ar", "stride_om")))
+    for dt in ("fp16", "bf16", "fp32"):
+        yield (f"merge_lora_weight {dt}", _merge_lora_weight_kernel,
+               dict(w_ptr=_TY[dt], a_ptr="*fp32", b_ptr="*fp32", g_ptr="*fp32", out_ptr=_TY[dt]),
+               dict(NUM_LORAS=2, RANK_SLICE=RANK_SLICE, DOT_PRECISION="ieee", BLOCK_N=MERGE_BLOCK_N,
+                    BLOCK_K=MERGE_BLOCK_K),
+               [(4, 1, {})],
+               (("stride_wk", "stride_ok", "stride_ak", "stride_br", "stride_gl"),
+                ("N", "K", "R", "stride_wn", "stride_on", "stride_ar", "stride_bn")))
+        yield (f"merge_flipped_weights {dt}", _merge_flipped_kernel,
+               dict(table_ptr="*i64", gates_ptr="*fp32", applied_ptr="*fp32"),
+               dict(W_DTYPE=_tl_dtype(getattr(torch, {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}[dt])),
+                    FACTOR_DTYPE=_tl_dtype(torch.float32), NUM_LORAS=2, RANK_SLICE=RANK_SLICE, DOT_PRECISION="ieee",
+                    BLOCK_N=MERGE_BLOCK_N, BLOCK_K=MERGE_BLOCK_K),
+               [(4, 1, {})],
+               ((), ("stride_table", "stride_gates", "stride_applied")))
     yield ("reduce_lora_stats", _reduce_lora_stats_kernel,
            dict(part_ptr="*fp32", kl_ptr="*fp32", klr_ptr="*fp32", en_ptr="*fp32"),
            dict(NUM_LORAS=2, BLOCK_M=REDUCE_BLOCK_M), [(4, 1, {})], ((), ("M",)))

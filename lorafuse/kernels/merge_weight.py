@@ -147,7 +147,7 @@ def merge_lora_weight_triton(weight: torch.Tensor, packed: PackedLoRA, gates: to
         weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),
         packed.a.stride(0), packed.a.stride(1), packed.b.stride(0), packed.b.stride(1), gates.stride(0),
         NUM_LORAS=packed.num_loras, RANK_SLICE=RANK_SLICE, DOT_PRECISION="ieee",
-        BLOCK_N=MERGE_BLOCK_N, BLOCK_K=MERGE_BLOCK_K,
+        BLOCK_N=MERGE_BLOCK_N, BLOCK_K=MERGE_BLOCK_K, num_warps=4, num_stages=1,  # as compile_check builds it
     )
     return out
 
@@ -288,7 +288,7 @@ def merge_flipped_weights(table: MergeTable, gates: torch.Tensor, applied: torch
                 table.table, gates, applied, table.table.stride(0), gates.stride(0), applied.stride(0),
                 W_DTYPE=_tl_dtype(table.weight_dtype), FACTOR_DTYPE=_tl_dtype(table.factor_dtype),
                 NUM_LORAS=table.num_loras, RANK_SLICE=RANK_SLICE, DOT_PRECISION="ieee",
-                BLOCK_N=MERGE_BLOCK_N, BLOCK_K=MERGE_BLOCK_K,
+                BLOCK_N=MERGE_BLOCK_N, BLOCK_K=MERGE_BLOCK_K, num_warps=4, num_stages=1,
             )
     else:
         flipped = (gates != applied).any(dim=1).tolist()
