@@ -94,6 +94,11 @@ def _lora_layers(model: nn.Module, names, limit=None):
             return
 
 
+def _unwrap(module: nn.Module) -> nn.Module:
+    """The module a ``torch.compile``-d wrapper (``OptimizedModule``) compiles, else the module."""
+    return getattr(module, "_orig_mod", module) if isinstance(module, nn.Module) else module
+
+
 def _execution_rank(path: str, denoiser: nn.Module) -> int:
     """UNets register up_blocks before mid_block but run down -> mid -> up: order layers as they run
     (the official counter mode's per-layer sub-step offset depends on the execution order)."""
@@ -229,8 +234,10 @@ class FusionHandle:
         self._merged = None  # MergedWeights when the method's gates are fixed within a denoiser call
         self._host_gates = False  # merged path with gates known on the host per layer call (official tau)
         self.log_gates = bool(log_gates)
+        self._pipe = None if isinstance(pipe, nn.Module) else weakref.ref(pipe)
         self._scheduler = scheduler
         self._timestep_divisor = timestep_divisor
+        self._divisor_fixed = False  # True when the user passed timestep_divisor
         self._layers: list[_Layer] = []
         self._hooks = []
         self._activated: list[tuple[Any, Any, Any]] = []  # (module, saved _active_adapter, list we set)
@@ -328,6 +335,8 @@ class FusionHandle:
             m = rec.module
             if rec.merge_guard is not None and m.__dict__.get("merge") is rec.merge_guard:
                 del m.__dict__["merge"]
+            if rec.forward is None:  # an install that failed before this layer was patched
+                continue
             if m.__dict__.get("forward") is rec.forward:
                 del m.__dict__["forward"]
             elif getattr(m, "_old_forward", None) is rec.forward:  # an accelerate hook was added on top
@@ -372,6 +381,7 @@ class FusionHandle:
         LoraLayer = _peft_classes()
         entries = []
         for comp, d in self._denoisers:
+            d = _unwrap(d)  # compiled before accelerate_fusion: patch the compiled module's layers
             for path, mod in _lora_layers(d, (s, t)):
                 entries.append((_execution_rank(path, d), len(entries), comp, path, mod))
         if not entries:
@@ -425,7 +435,7 @@ class FusionHandle:
                 rec.merge_guard = self._make_merge_guard(rec)
                 m.merge = rec.merge_guard
         for comp, d in self._denoisers:
-            pos = _timestep_position(d)
+            pos = _timestep_position(_unwrap(d))
             self._hooks.append(d.register_forward_pre_hook(self._make_pre_hook(pos), with_kwargs=True))
             d.__dict__[_HANDLE_ATTR] = self
 
@@ -456,6 +466,7 @@ class FusionHandle:
                 ts = None
             if ts is None:
                 return None
+            sched = h._live_scheduler(module)
             div = h._timestep_divisor
             if isinstance(ts, torch.Tensor):
                 t0 = ts.reshape(-1)[0].to(torch.float32) if ts.numel() else ts.new_zeros((), dtype=torch.float32)
@@ -463,7 +474,6 @@ class FusionHandle:
             else:
                 t0 = float(ts)
                 tau = min(1.0, max(0.0, 1.0 - t0 / div))
-            sched = h._scheduler
             marker = getattr(sched, "timesteps", None) if sched is not None else None
             if marker is not h._run_marker:  # set_timesteps() ran: a new sampling run
                 h._run_marker = marker
@@ -481,6 +491,18 @@ class FusionHandle:
             return None
 
         return pre_hook
+
+    def _live_scheduler(self, denoiser):
+        """The pipeline's scheduler now (a swapped scheduler is followed at the next denoiser call,
+        with its own num_train_timesteps unless the user fixed timestep_divisor)."""
+        pipe = self._pipe() if self._pipe is not None else None
+        sched = getattr(pipe, "scheduler", None) if pipe is not None else self._scheduler
+        if sched is not self._scheduler:
+            self._scheduler = sched
+            self._run_marker = _MISSING  # a new scheduler starts a new run
+            if not self._divisor_fixed:
+                self._timestep_divisor = _timestep_divisor(_unwrap(denoiser), sched)
+        return sched
 
     # ---------------- per layer call ----------------
     def _make_forward(self, rec: _Layer):
@@ -911,10 +933,12 @@ def accelerate_fusion(
             raise TypeError(f"accelerate_fusion: options {sorted(method_options)} given with a FusionMethod instance")
         fusion_method = method
     scheduler = None if isinstance(pipe, nn.Module) else getattr(pipe, "scheduler", None)
-    div = float(timestep_divisor) if timestep_divisor is not None else _timestep_divisor(denoisers[0][1], scheduler)
+    div = (float(timestep_divisor) if timestep_divisor is not None
+           else _timestep_divisor(_unwrap(denoisers[0][1]), scheduler))
     if not (div > 0 and math.isfinite(div)):
         raise ValueError(f"accelerate_fusion: timestep_divisor must be a positive number, got {timestep_divisor}")
     handle = FusionHandle(pipe, denoisers, fusion_method, subject, style, backend, log_gates, scheduler, div, weights)
+    handle._divisor_fixed = timestep_divisor is not None
     try:
         handle._install()
         if guidance is not None:

@@ -219,3 +219,59 @@ def test_bad_weights_option():
     pipe = make("sd15")
     with pytest.raises(ValueError, match=r"weights must be one of \('scratch', 'inplace', 'off'\)"):
         accelerate_fusion(pipe, "sbj", "sty", "klora", weights="device")
+
+
+# ------------------------------------------------------------------------------------------------
+# diffusers workflows that used to change the result silently (issue 13, the cases fixed so far)
+# ------------------------------------------------------------------------------------------------
+def test_failed_install_leaves_the_pipeline_as_it_was():
+    pipe = make("sd15")
+    unet = denoiser(pipe)
+    layers = peft_layers(unet)
+    state = [(dict(m.__dict__), list(m.active_adapters)) for _, m in layers]
+    hooks = dict(unet._forward_pre_hooks)
+    before = run(pipe, "sd15")
+    with torch.no_grad():
+        layers[3][1].lora_B["sty"].weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):  # the method's own error, not a KeyError from cleanup
+        accelerate_fusion(pipe, "sbj", "sty", "klora")
+    assert [(dict(m.__dict__), list(m.active_adapters)) for _, m in layers] == state
+    assert dict(unet._forward_pre_hooks) == hooks
+    with torch.no_grad():
+        layers[3][1].lora_B["sty"].weight[0, 0] = 0.0
+    assert run(pipe, "sd15").shape == before.shape
+
+
+def test_compiled_before_fusion_is_fused():
+    pipe = make("sd15")
+    h = accelerate_fusion(pipe, "sbj", "sty", "klora", backend="torch")
+    ref = run(pipe, "sd15")
+    h.remove()
+    pipe.unet = torch.compile(pipe.unet, backend="aot_eager")
+    h = accelerate_fusion(pipe, "sbj", "sty", "klora", backend="torch")
+    out = run(pipe, "sd15")
+    assert h.calls == 2 and h.num_layers == len(peft_layers(pipe.unet._orig_mod))
+    assert close(out, ref), (out - ref).abs().max()
+    h.remove()
+
+
+def test_scheduler_swapped_between_calls_official_tau():
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler
+
+    def official_run(pipe, swap_first):
+        h = accelerate_fusion(pipe, "sbj", "sty", "klora", backend="torch", tau_mode="official")
+        if swap_first:
+            pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        out = run(pipe, "sd15", steps=3)
+        log = h.gate_log
+        h.remove()
+        return out, log
+
+    pipe = make("sd15")
+    original = pipe.scheduler
+    pipe.scheduler = DDIMScheduler.from_config(original.config)
+    ref, ref_log = official_run(pipe, swap_first=False)  # installed with DDIM from the start
+    pipe.scheduler = EulerDiscreteScheduler.from_config(original.config)
+    out, log = official_run(pipe, swap_first=True)  # installed with Euler, swapped to DDIM before the call
+    assert [e["method_tau"] for e in log] == [e["method_tau"] for e in ref_log]
+    assert torch.equal(out, ref)
