@@ -33,6 +33,12 @@ _DENOISER_NAMES = ("unet", "transformer", "transformer_2", "prior", "decoder")
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # reasons for which PEFT semantics are "base only" / user's explicit choice: no warning
 _SILENT = ("adapters disabled", "adapters merged")
+# fallbacks where the user's own PEFT state decides what the layer computes: PEFT's forward as it is;
+# every other fallback runs PEFT's forward driven with the method's gates for this call
+_USERS_CHOICE = _SILENT + (
+    "not exactly the two fused adapters active (set_adapters changed)", "adapter deleted from the layer",
+    "called outside a denoiser call (no timestep yet)", "adapter_names= (mixed-batch) call",
+)
 _MISSING = object()
 
 
@@ -535,9 +541,8 @@ class FusionHandle:
             if fp is None or fp != rec.fp:  # something changed since the last full check: check again
                 reason = h._check(m, x, args, kwargs)
                 if reason is not None:
-                    h._fallback(reason)
                     h._hand_back(rec)
-                    return cls_forward(m, x, *args, **kwargs)
+                    return h._fallback_forward(rec, m, reason, x, args, kwargs)
                 h._prepare_layer(rec, m, x)
                 rec.fp = fp
             if rec.merged:
@@ -696,16 +701,39 @@ class FusionHandle:
             return "autograd enabled with trainable weights"
         return None
 
-    def _fallback(self, reason: str) -> None:
+    def _fallback_forward(self, rec: _Layer, m, reason: str, x, args, kwargs):
+        """PEFT's own forward for a call the fused / merged path cannot take. Unless the user's own
+        PEFT state decides (adapters disabled, merged, changed, ...), PEFT runs with this call's
+        gates of the method (only the selected adapter active, or scalings times merge weights): the
+        fallback changes speed, not the result. Input-dependent methods (kl) cannot decide without
+        the fused kernel's statistics: PEFT's sum of both adapters, reported as such."""
+        gates = None
+        if reason not in _USERS_CHOICE:
+            picked = self.method.layer_gates(rec.index)
+            if picked is not None:
+                gates = picked[0].tolist()  # host copy: one sync on CUDA, in a fallback only
+            else:
+                reason += " (the method gives no per-call gates outside its fused kernel: PEFT's sum of both adapters)"
+        self._fallback(reason, gated=gates is not None)
+        if gates is None:
+            return type(m).forward(m, x, *args, **kwargs)
+        from .replay import peft_forward_with_gates
+
+        y = peft_forward_with_gates(m, x, gates, (self.subject, self.style), *args, **kwargs)
+        if self.log_gates:
+            self._record(rec.index)
+        return y
+
+    def _fallback(self, reason: str, gated: bool = False) -> None:
         self.fallbacks[reason] = self.fallbacks.get(reason, 0) + 1
         if reason not in _SILENT:
-            self._warn_once(reason)
+            self._warn_once(reason, " with the method's gates (same result, slower)" if gated else "")
 
-    def _warn_once(self, reason: str) -> None:
+    def _warn_once(self, reason: str, how: str = "") -> None:
         if reason in self._warned:
             return
         self._warned.add(reason)
-        warnings.warn(f"lorafuse: falling back to PEFT's forward: {reason} (warned once per reason)",
+        warnings.warn(f"lorafuse: falling back to PEFT's forward{how}: {reason} (warned once per reason)",
                       FusionFallbackWarning, stacklevel=4)
 
     def _packed(self, rec: _Layer, m, x):

@@ -14,26 +14,34 @@ import torch
 from .tiny import denoiser, peft_layers
 
 
-def _peft_with_gates(m, x, gates, names):
-    """PEFT's forward with adapter i's scaling multiplied by gates[i]; a one-hot gate runs PEFT with
-    only the selected adapter active (no scaling change at all)."""
+def peft_forward_with_gates(m, x, gates, names, *args, **kwargs):
+    """PEFT's own forward of layer ``m`` with adapter ``names[i]``'s scaling multiplied by
+    ``gates[i]`` (floats); a one-hot gate runs PEFT with only the selected adapter active (no scaling
+    change at all: exact for DoRA too). The layer's active adapters and scalings are restored."""
     cls_forward = type(m).forward
-    saved_active = m.__dict__.get("_active_adapter")
+    saved_active = m.__dict__.get("_active_adapter", _MISSING)
     g = [float(v) for v in gates]
     try:
         if sorted(g) == [0.0, 1.0]:
             m._active_adapter = [names[g.index(1.0)]]
-            return cls_forward(m, x)
+            return cls_forward(m, x, *args, **kwargs)
+        m._active_adapter = list(names)
         saved = dict(m.scaling)
         try:
             for a, gi in zip(names, g):
                 m.scaling[a] = saved[a] * gi
-            return cls_forward(m, x)
+            return cls_forward(m, x, *args, **kwargs)
         finally:
             m.scaling.clear()
             m.scaling.update(saved)
     finally:
-        m._active_adapter = saved_active
+        if saved_active is _MISSING:
+            m.__dict__.pop("_active_adapter", None)
+        else:
+            m._active_adapter = saved_active
+
+
+_MISSING = object()
 
 
 class GateReplay:
@@ -67,9 +75,9 @@ class GateReplay:
                 return type(m).forward(m, x, *args, **kwargs)
             gs, gt = self.table[key]
             if isinstance(gs, list):
-                outs = [_peft_with_gates(m, x[i: i + 1], (gs[i], gt[i]), self.names) for i in range(x.shape[0])]
+                outs = [peft_forward_with_gates(m, x[i: i + 1], (gs[i], gt[i]), self.names) for i in range(x.shape[0])]
                 return torch.cat(outs, 0)
-            return _peft_with_gates(m, x, (gs, gt), self.names)
+            return peft_forward_with_gates(m, x, (gs, gt), self.names)
 
         return forward
 

@@ -275,3 +275,37 @@ def test_scheduler_swapped_between_calls_official_tau():
     out, log = official_run(pipe, swap_first=True)  # installed with Euler, swapped to DDIM before the call
     assert [e["method_tau"] for e in log] == [e["method_tau"] for e in ref_log]
     assert torch.equal(out, ref)
+
+
+def _dora_pipe():
+    from .tiny import lora_state_dict, sd15_pipeline
+
+    pipe = sd15_pipeline()
+    sbj = lora_state_dict(pipe.unet, "unet", 4, seed=1)
+    sty = lora_state_dict(pipe.unet, "unet", 8, seed=2, scale=0.12)
+    for k in list(sty):
+        if k.endswith("lora_B.weight"):
+            sty[k.replace("lora_B.weight", "lora_magnitude_vector")] = torch.rand(sty[k].shape[0]) + 0.5
+    pipe.load_lora_weights(sbj, adapter_name="sbj")
+    pipe.load_lora_weights(sty, adapter_name="sty")
+    return pipe
+
+
+@pytest.mark.parametrize("case", ["dora", "offload"])
+def test_fallbacks_keep_the_methods_result(case):
+    """Layers the kernels cannot run fall back to PEFT's forward driven with the method's gates:
+    the image equals PEFT replaying the logged decisions, not PEFT's sum of both adapters."""
+    pipe = _dora_pipe() if case == "dora" else make("sd15")
+    pipe.set_adapters(["sbj", "sty"])
+    peft_sum = run(pipe, "sd15", steps=3)
+    if case == "offload":
+        accelerate = pytest.importorskip("accelerate")
+        accelerate.cpu_offload(pipe.unet, execution_device=torch.device("cpu"))
+    h = accelerate_fusion(pipe, "sbj", "sty", "klora", backend="torch", pattern="s*")
+    with pytest.warns(UserWarning, match="with the method's gates"):
+        out = run(pipe, "sd15", steps=3)
+    log = h.gate_log
+    assert h.fallbacks and sum(h.fallbacks.values()) == len(log)
+    h.remove()
+    assert close(out, replay(pipe, "sd15", log, 3))
+    assert not close(out, peft_sum)
