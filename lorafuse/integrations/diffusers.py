@@ -17,6 +17,7 @@ diffusers and PEFT are imported lazily: importing this module needs neither.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import warnings
 import weakref
@@ -29,6 +30,7 @@ from torch import nn
 __all__ = ["FusionHandle", "FusionFallbackWarning", "accelerate_fusion", "remove_fusion"]
 
 _HANDLE_ATTR = "_lorafuse_fusion_handle"
+_log = logging.getLogger("lorafuse")
 _DENOISER_NAMES = ("unet", "transformer", "transformer_2", "prior", "decoder")
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # reasons for which PEFT semantics are "base only" / user's explicit choice: no warning
@@ -103,6 +105,21 @@ def _lora_layers(model: nn.Module, names, limit=None):
 def _unwrap(module: nn.Module) -> nn.Module:
     """The module a ``torch.compile``-d wrapper (``OptimizedModule``) compiles, else the module."""
     return getattr(module, "_orig_mod", module) if isinstance(module, nn.Module) else module
+
+
+def _adapter_layers(model: nn.Module, names):
+    """(path, module) of every PEFT LoRA layer (linear or conv) that holds any of ``names``."""
+    LoraLayer = _peft_classes()
+    for path, mod in model.named_modules():
+        if isinstance(mod, LoraLayer) and any(a in (getattr(mod, "lora_A", None) or {}) for a in names):
+            yield path, mod
+
+
+def _why_unpatched(mod, s: str, t: str) -> str:
+    lora_a = mod.lora_A
+    if s not in lora_a or t not in lora_a:
+        return f"only the {'subject' if s in lora_a else 'style'} adapter targets it"
+    return "not a linear LoRA (conv)"
 
 
 def _execution_rank(path: str, denoiser: nn.Module) -> int:
@@ -263,6 +280,7 @@ class FusionHandle:
         self._batches: list[tuple] = []  # _raw_log of finished calls, stacked per field
         self._log: list[dict] = []
         self.guidance = None  # a lorafuse.guidance.GuidanceHandle when accelerate_fusion(guidance=...)
+        self._unpatched: list[tuple[str, str]] = []  # (module path, why) of LoRA layers left on PEFT
 
     # ---------------- public ----------------
     @property
@@ -396,6 +414,11 @@ class FusionHandle:
                 f"{', '.join(c for c, _ in self._denoisers)}; nothing to fuse"
             )
         entries.sort(key=lambda e: (e[0], e[1]))
+        patched = {id(e[4]) for e in entries}
+        for comp, d in self._denoisers:
+            for path, mod in _adapter_layers(_unwrap(d), (s, t)):
+                if id(mod) not in patched:
+                    self._unpatched.append((f"{comp}.{path}", _why_unpatched(mod, s, t)))
         for comp, d in self._denoisers:  # activate both adapters everywhere in the denoiser, remember state
             for _, mod in d.named_modules():
                 if isinstance(mod, LoraLayer) and (s in getattr(mod, "lora_A", {}) or t in getattr(mod, "lora_A", {})):
@@ -434,6 +457,7 @@ class FusionHandle:
                 self._packed(rec, m, w)  # pack once now (a compiled graph then finds it)
             if "forward" in m.__dict__:
                 self._warn_once("layer already has an instance forward (another hook): left on PEFT")
+                self._unpatched.append((f"{rec.component}.{rec.path}", "already has an instance forward (another hook)"))
                 continue
             rec.forward = self._make_forward(rec)
             m.forward = rec.forward
@@ -444,6 +468,25 @@ class FusionHandle:
             pos = _timestep_position(_unwrap(d))
             self._hooks.append(d.register_forward_pre_hook(self._make_pre_hook(pos), with_kwargs=True))
             d.__dict__[_HANDLE_ATTR] = self
+
+    def summary(self) -> dict:
+        """What the installation covers: ``layers`` patched, on the ``path`` "merged" (one F.linear on
+        merged weights) or "fused" (the fused kernel), ``unpatched``: reason -> number of the two
+        adapters' LoRA layers in the denoiser left on PEFT's own forward (they apply PEFT's sum of
+        the active adapters; text encoders always stay on PEFT), and ``fallback_calls``: reason ->
+        layer calls that ran PEFT's forward so far (see :attr:`fallbacks`)."""
+        unpatched: dict[str, int] = {}
+        for _, why in self._unpatched:
+            unpatched[why] = unpatched.get(why, 0) + 1
+        return {
+            "method": getattr(self.method, "name", type(self.method).__name__),
+            "layers": len(self._layers) - sum(why.startswith("already has") for _, why in self._unpatched),
+            "path": "merged" if self._merged is not None else "fused",
+            "weights": self.weights if self._merged is not None else None,
+            "unpatched": unpatched,
+            "unpatched_layers": [p for p, _ in self._unpatched],
+            "fallback_calls": dict(self.fallbacks),
+        }
 
     def _weights_key(self, m):
         s, t = self.subject, self.style
@@ -969,6 +1012,10 @@ def accelerate_fusion(
     handle._divisor_fixed = timestep_divisor is not None
     try:
         handle._install()
+        info = handle.summary()
+        _log.info("accelerate_fusion %s: %d layers on the %s path%s; left on PEFT: %s", info["method"], info["layers"],
+                  info["path"], f" (weights={info['weights']})" if info["weights"] else "",
+                  ", ".join(f"{n} ({why})" for why, n in info["unpatched"].items()) or "none")
         if guidance is not None:
             from ..guidance.hook import enable_guidance
 

@@ -309,3 +309,22 @@ def test_fallbacks_keep_the_methods_result(case):
     h.remove()
     assert close(out, replay(pipe, "sd15", log, 3))
     assert not close(out, peft_sum)
+
+
+def test_summary_reports_what_is_left_on_peft(caplog):
+    from .tiny import lora_state_dict, sd15_pipeline
+
+    pipe = sd15_pipeline()
+    targets = ("to_q", "to_k", "to_v", "to_out.0")
+    sbj = lora_state_dict(pipe.unet, "unet", 4, seed=1, targets=targets)
+    sty = lora_state_dict(pipe.unet, "unet", 8, seed=2, targets=targets[:2])  # style only on q and k
+    pipe.load_lora_weights(sbj, adapter_name="sbj")
+    pipe.load_lora_weights(sty, adapter_name="sty")
+    n_sbj = len(peft_layers(pipe.unet, ("sbj",)))
+    with caplog.at_level("INFO", logger="lorafuse"):
+        h = accelerate_fusion(pipe, "sbj", "sty", "klora", backend="torch")
+    info = h.summary()
+    assert info["layers"] == h.num_layers == n_sbj // 2 and info["path"] == "merged"
+    assert info["unpatched"] == {"only the subject adapter targets it": n_sbj - h.num_layers}
+    assert any("left on PEFT: " + f"{n_sbj - h.num_layers} (only the subject" in r.message for r in caplog.records)
+    h.remove()
