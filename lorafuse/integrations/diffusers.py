@@ -713,6 +713,10 @@ def accelerate_fusion(
     """
     if not isinstance(subject, str) or not isinstance(style, str):
         raise TypeError("accelerate_fusion: subject and style must be adapter names (str)")
+    from ..kernels._common import BACKENDS
+
+    if backend not in BACKENDS:  # now, not inside the first pipe() call
+        raise ValueError(f"accelerate_fusion: backend must be one of {BACKENDS}, got {backend!r}")
     denoisers = _find_denoisers(pipe)
     remove_fusion(pipe)  # replace a previous installation
     loaded: list[str] = []

@@ -41,6 +41,22 @@ def _check_scale(i: int, scale) -> torch.Tensor | float:
     return float(scale)
 
 
+def check_not_bare_triple(loras, what: str = _WHAT) -> None:
+    """ValueError for one bare ``(A, B, scale)`` passed where a sequence of such triples belongs
+    (``[(A, B, scale)]``): without this check its A would be read as LoRA 0 and fail obscurely."""
+    if (
+        isinstance(loras, (list, tuple))
+        and len(loras) == 3
+        and isinstance(loras[0], torch.Tensor)
+        and isinstance(loras[1], torch.Tensor)
+        and loras[0].dim() == 2
+    ):
+        raise ValueError(
+            f"{what}: loras must be a sequence of (A, B, scale) triples, got a single (A, B, scale) triple; "
+            "wrap it in a list: [(A, B, scale)]"
+        )
+
+
 @dataclass(frozen=True, eq=False)
 class PackedLoRA:
     """Concatenated, rank-padded, scale-folded LoRA factors of one linear layer.
@@ -101,6 +117,7 @@ class PackedLoRA:
         """
         if isinstance(loras, PackedLoRA):
             return loras.to(dtype=dtype, device=device)
+        check_not_bare_triple(loras)
         if not isinstance(loras, (list, tuple)) or len(loras) == 0:
             raise ValueError(f"{_WHAT}: loras must be a non-empty sequence of (A, B, scale), got {type(loras).__name__}")
         factors = []
@@ -171,6 +188,14 @@ class PackedLoRA:
             rows = slice(self.offset(i), self.offset(i) + r)
             blocks.append((self.a_compact[rows].t(), self.b_compact[:, rows].t()))
         return tuple(blocks)
+
+    @cached_property
+    def finite(self) -> bool:
+        """True when every packed factor is finite (one host sync, the first time it is read).
+
+        The torch path skips LoRAs gated to exactly 0 only when this holds, so that both backends
+        follow the formula's IEEE semantics (0 * NaN = NaN) for non-finite factors."""
+        return bool(torch.isfinite(self.a_compact).all()) and bool(torch.isfinite(self.b_compact).all())
 
     def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> "PackedLoRA":
         """A copy in another dtype / on another device (self when nothing changes)."""
