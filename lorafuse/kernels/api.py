@@ -283,6 +283,16 @@ def fused_lora_linear(
 
     Returns:
         y: (..., N) in x's dtype, or ``(y, stats)`` with ``stats=True``.
+
+    Any rank from 1 to 512 per LoRA (ranks may differ); any strides on x, weight, bias, A, B and
+    gates (read through their strides; only an x or weight whose last dim is strided is copied once,
+    so that the kernels' loads stay coalesced). Non-finite values follow the formula on both
+    backends (IEEE: 0 * NaN = NaN, 0 * inf = NaN): a NaN in a LoRA gated to exactly 0 still reaches
+    y; a NaN in row m of x only reaches row m. Differentiable on both backends: the Triton op's
+    backward gives x, weight, bias, the LoRA factors (through the packing) and the gates their
+    gradients; the statistics are not differentiable. Raises ValueError for K = 0 or N = 0, a bare
+    ``(A, B, scale)`` triple where a list of them belongs, and mismatched shapes; TypeError for
+    unsupported dtypes.
     """
     out = fused_lora_forward(x, weight, bias, loras, gates, stats=stats, backend=backend)
     if not stats:
@@ -300,6 +310,10 @@ def lora_fixup(
     backend: str = "auto",
 ) -> torch.Tensor:
     """In place ``y[m] += sum_i delta_gates[sample(m), i] * U_i[m] b_i^T`` (see :mod:`.lora_fixup`).
+
+    Not differentiable (it is the speculative KL path's correction, run without autograd). On the
+    Triton backend, tiles whose rows all have zero delta gates are skipped on the device, so
+    non-finite U or b values there do not reach y; elsewhere the update follows the formula.
 
     y: (M, N) (or any (..., N) with M rows) as returned by :func:`fused_lora_forward`; u: (M, L*R) fp32;
     delta_gates: (L,) or (G, L) with G * rows_per_sample = M. Returns y.
