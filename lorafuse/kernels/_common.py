@@ -127,8 +127,15 @@ def tile_configs(table: dict, interpret_config: dict) -> list:
     return configs
 
 
+def autotune_enabled() -> bool:
+    """False when ``LORAFUSE_AUTOTUNE=0``: every tiled kernel then compiles and runs only the first
+    config of its device's table (correctness checks that would otherwise spend minutes tuning)."""
+    return os.environ.get("LORAFUSE_AUTOTUNE", "1") not in ("0", "")
+
+
 def prune_by_family(tensor_arg: str):
-    """``early_config_prune`` hook: keep only the configs of the launching device's family."""
+    """``early_config_prune`` hook: keep only the configs of the launching device's family (only the
+    first of them with ``LORAFUSE_AUTOTUNE=0``)."""
 
     def prune(configs, named_args, **kwargs):
         t = named_args[tensor_arg]
@@ -138,6 +145,6 @@ def prune_by_family(tensor_arg: str):
         kept = [c for c in configs if getattr(c, "family", None) == family]
         if not kept:
             kept = [c for c in configs if getattr(c, "family", None) == "ampere"] or configs[:1]
-        return kept
+        return kept if autotune_enabled() else kept[:1]
 
     return prune

@@ -343,6 +343,7 @@ def test_kernels_compile_for_sm80_and_sm90():
                 arch, layout)
 
 
+@pytest.mark.gpu
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gpu_half_precision(dtype):
@@ -356,6 +357,7 @@ def test_gpu_half_precision(dtype):
         torch.testing.assert_close(st.kl.double().cpu(), kl, rtol=1e-1, atol=1e-4)
 
 
+@pytest.mark.gpu
 @requires_cuda
 def test_gpu_cuda_graph_and_compile():
     x, W, b, loras = make_layer(256, 640, 640, (8, 8), (1.0, 1.0), dtype=torch.float16)
@@ -373,6 +375,7 @@ def test_gpu_cuda_graph_and_compile():
     torch.testing.assert_close(compiled(x), fused_lora_linear(x, W, b, packed, gates))
 
 
+@pytest.mark.gpu
 def test_registered_ops_pass_opcheck():
     """torch.library ops: schema (declared mutations) and fake-tensor shape propagation hold."""
     from torch.library import opcheck
