@@ -247,7 +247,7 @@ if HAS_TRITON:
                 g = tl.load(gate_ptr + (rm_ld // rows_per_sample) * stride_gs + i * stride_gl)
             if STATS:
                 d = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for c in tl.static_range(LORA_CHUNKS[i]):
+            for c in range(LORA_CHUNKS[i]):  # a loop, not unrolled: one slice live at a time
                 cols = i * RANK_BLOCK + c * RANK_CHUNK + rc
                 u = tl.load(u_ptr + rm_ld[:, None] * stride_um + cols[None, :] * stride_ur)
                 bt = tl.load(b_ptr + cols[:, None] * stride_br + rn_ld[None, :] * stride_bn)
