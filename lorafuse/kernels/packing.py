@@ -195,7 +195,8 @@ class PackedLoRA:
 
         The torch path skips LoRAs gated to exactly 0 only when this holds, so that both backends
         follow the formula's IEEE semantics (0 * NaN = NaN) for non-finite factors."""
-        return bool(torch.isfinite(self.a_compact).all()) and bool(torch.isfinite(self.b_compact).all())
+        # .tolist(), as the torch path reads its host gates: only ever called there, on CPU tensors
+        return torch.isfinite(self.a_compact).all().tolist() and torch.isfinite(self.b_compact).all().tolist()
 
     def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> "PackedLoRA":
         """A copy in another dtype / on another device (self when nothing changes)."""
