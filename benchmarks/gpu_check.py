@@ -474,7 +474,7 @@ def part_e2e(family: str, out: Path, dry: bool, limit: float) -> dict:
         for variant in variants:
             label = f"{family} {variant} {mode}"
             left = limit - (time.perf_counter() - t0)
-            need = 5.0 if mode == "eager" else (compile_seconds or 20.0) * 1.3
+            need = 5.0 if mode == "eager" or dry else (compile_seconds or 20.0) * 1.3
             if dry and mode == "compiled" and variant not in ("bare", "klora"):
                 rows.append(dict(model=family, variant=variant, mode=mode, status="skipped (dry run)"))
                 continue

@@ -8,7 +8,9 @@ smaller ranks, so the padding contributes exact zeros)::
     b: (N, L * R)   b[:, i*R : i*R + r_i] = s_i * B_i         (scale folded into B)
 
 so that ``sum_i s_i (x A_i^T) B_i^T = (x a^T) b^T`` and LoRA i owns the columns ``[i*R, (i+1)*R)`` of
-the shrink ``U = x a^T``. Uniform blocks let the kernels address LoRA i with compile-time offsets.
+the shrink ``U = x a^T``. Uniform blocks let the kernels address LoRA i with compile-time offsets; the
+expand kernels read each block in slices of 16, 32 or 64 columns and stop after LoRA i's own 16-padded
+rank, so a rank-4 LoRA beside a rank-200 one costs one 16-wide slice, not 208 columns (any rank 1..512).
 The torch path (CPU) uses the unpadded concatenations ``a_compact`` (sum r_i, K) and ``b_compact``
 (N, sum r_i) instead: on a CPU padding is pure waste.
 """
