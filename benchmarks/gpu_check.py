@@ -35,6 +35,7 @@ import json
 import math
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -261,6 +262,7 @@ def part_fuzz(out: Path, dry: bool, limit: float) -> dict:
                                  error=f"{type(exc).__name__}: {str(exc)[:300]}"))
                 if device.type == "cuda":
                     torch.cuda.synchronize()
+        _write_csv(out / "fuzz.csv", rows)  # after every case: kept if this process is killed
     if tune is None:
         os.environ.pop("LORAFUSE_AUTOTUNE")
     else:
@@ -469,12 +471,23 @@ def part_e2e(family: str, out: Path, dry: bool, limit: float) -> dict:
     variants = ["bare", "peft"] + list(METHODS)
     compile_modes = ["eager", "compiled"]
     ref = None
-    compile_seconds = None
+    compile_seconds = None if dry else {"sdxl": 60.0, "flux": 90.0}[family]  # first guess, then measured
+    meta = dict(dtype=str(dtype).replace("torch.", ""), shape=_shape_note(family, dry), lora_ranks="16,16")
+
+    def flush():
+        """Rows so far, ratios to bare of the same mode, to e2e_<family>.csv (kept if this process is killed)."""
+        for mode in compile_modes:
+            base = next((r["median_ms"] for r in rows if r["mode"] == mode and r["variant"] == "bare"
+                         and r["status"] == "ok"), math.nan)
+            for r in rows:
+                if r["mode"] == mode and "median_ms" in r:
+                    r["x_bare"] = r["median_ms"] / base
+        _write_csv(out / f"e2e_{family}.csv", [dict(meta, **r) for r in rows])
     for mode in compile_modes:
         for variant in variants:
             label = f"{family} {variant} {mode}"
             left = limit - (time.perf_counter() - t0)
-            need = 5.0 if mode == "eager" or dry else (compile_seconds or 20.0) * 1.3
+            need = 5.0 if mode == "eager" or dry else compile_seconds * 1.3
             if dry and mode == "compiled" and variant not in ("bare", "klora"):
                 rows.append(dict(model=family, variant=variant, mode=mode, status="skipped (dry run)"))
                 continue
@@ -514,16 +527,10 @@ def part_e2e(family: str, out: Path, dry: bool, limit: float) -> dict:
             finally:
                 if handle is not None:
                     handle.remove()
+            flush()
             print(f"[e2e] {label}: {rows[-1].get('status')} {rows[-1].get('median_ms', '')}", flush=True)
-    for mode in compile_modes:
-        base = next((r["median_ms"] for r in rows if r["mode"] == mode and r["variant"] == "bare"
-                     and r["status"] == "ok"), math.nan)
-        for r in rows:
-            if r["mode"] == mode and "median_ms" in r:
-                r["x_bare"] = r["median_ms"] / base
-    meta = dict(dtype=str(dtype).replace("torch.", ""), shape=_shape_note(family, dry), lora_ranks="16,16")
+    flush()
     rows = [dict(meta, **r) for r in rows]
-    _write_csv(out / "e2e.csv", rows, append=True)
     failed = [r for r in rows if r["status"].startswith("failed")]
     skipped = [r for r in rows if r["status"].startswith("skipped (time")]
     status = "failed" if failed else "partial" if skipped else "ok"
@@ -605,7 +612,10 @@ def write_summary(out: Path, env: dict, results: dict, total_s: float) -> Path:
                   "| provider | x F.linear |", "|---|---|"]
         lines += [f"| {p} | {v:.2f} |" for p, v in layer.items()]
         lines += ["", "Per case: `layer.csv`; plots: `plots/`."]
-    e2e = [row for name in ("e2e_sdxl", "e2e_flux") for row in results.get(name, {}).get("rows", [])]
+    e2e = list(csv.DictReader((out / "e2e.csv").open())) if (out / "e2e.csv").exists() else []
+    for r in e2e:
+        for key in ("median_ms", "x_bare", "rel_diff_vs_peft"):
+            r[key] = float(r[key]) if r.get(key) not in (None, "") else math.nan
     if e2e:
         lines += ["", "## Denoiser step (median ms, `triton.testing.do_bench`; x bare = same mode, same run)", "",
                   "| model | variant | eager ms | x bare | compiled ms | x bare | rel diff vs PEFT (eager) |",
@@ -659,10 +669,17 @@ def _isolated(name: str, out: Path, dry: bool, limit: float) -> dict:
     log = out / "logs" / f"{name}.log"
     t0 = time.perf_counter()
     with log.open("w") as f:
+        # own session: a timeout ends the part and its children (inductor's compile workers) together
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            rc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, timeout=limit + 20).returncode
+            rc = proc.wait(timeout=limit + 20)
         except subprocess.TimeoutExpired:
             rc = None
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
     res_path = out / "logs" / f"{name}.json"
     if res_path.exists() and rc == 0:
         return json.loads(res_path.read_text())
@@ -707,8 +724,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"gpu_check: unknown part(s) {unknown}; parts are {', '.join(PARTS)}", file=sys.stderr)
         return 2
-    if (out / "e2e.csv").exists():
-        (out / "e2e.csv").unlink()
+    for stale in ("e2e.csv", "e2e_sdxl.csv", "e2e_flux.csv"):
+        if (out / stale).exists():
+            (out / stale).unlink()
     results = {}
     in_process = args.in_process or args.dry_run
     for i, name in enumerate(parts):
@@ -724,7 +742,9 @@ def main(argv: list[str] | None = None) -> int:
         res["limit"] = limit
         results[name] = res
         print(f"[gpu_check] {name}: {res['status']} in {res.get('seconds', 0):.0f} s: {res.get('note', '')}", flush=True)
-    e2e_rows = list(csv.DictReader((out / "e2e.csv").open())) if (out / "e2e.csv").exists() else []
+    e2e_rows = [r for fam in ("sdxl", "flux") if (out / f"e2e_{fam}.csv").exists()
+                for r in csv.DictReader((out / f"e2e_{fam}.csv").open())]
+    _write_csv(out / "e2e.csv", e2e_rows)
     _plot_e2e(e2e_rows, out / "e2e.png")
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     path = write_summary(out, env, results, time.perf_counter() - t_start)
