@@ -292,11 +292,14 @@ def launch_fused_gemm_expand(
 ) -> None:
     """Launch the GEMM + expand kernel into ``y`` (and ``part`` with ``stats``); no checks.
 
-    ``ranks``: the true rank of each packed LoRA (``b_cat`` has ``len(ranks)`` blocks of equal width).
+    ``ranks``: the true rank of each packed LoRA (``b_cat`` has ``len(ranks)`` blocks of equal width), or
+    the number of LoRAs (each block then read in full).
     ``part`` must be (ceil(N / gemm_block_n(device)), M, 2 + 5L).
     """
     M, K = x.shape
     N = weight.shape[0]
+    if isinstance(ranks, int):  # a LoRA count (older callers): every block read in full
+        ranks = (b_cat.shape[1] // ranks,) * ranks
     num_loras = len(ranks)
     R = b_cat.shape[1] // num_loras
     chunk = rank_chunk(ranks, R)

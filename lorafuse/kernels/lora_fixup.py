@@ -73,6 +73,8 @@ FIXUP_BLOCK_N = 64
 def launch_lora_fixup(y, u, b_cat, delta_gates, rows_per_sample, ranks, wrap=lambda k: k) -> None:
     """Launch the fix-up into ``y`` (M, N) in place; ``ranks`` the true rank of each packed LoRA. No checks."""
     M, N = y.shape
+    if isinstance(ranks, int):  # a LoRA count (older callers): every block read in full
+        ranks = (b_cat.shape[1] // ranks,) * ranks
     R = b_cat.shape[1] // len(ranks)
     chunk = rank_chunk(ranks, R)
     grid = (triton.cdiv(M, FIXUP_BLOCK_M), triton.cdiv(N, FIXUP_BLOCK_N))
