@@ -61,7 +61,9 @@ def _fused_backward_math(ctx, grad_y, grad_u):
         ug = u.to(work) * gcol if gcol is not None else u.to(work)
         db = (gy.t() @ ug).to(b.dtype)
     dg = None
-    if need_g and gates is not None:
+    if need_g and gates is not None and M == 0:
+        dg = torch.zeros_like(gates)
+    elif need_g and gates is not None:
         per_row = (gyb * u.to(work)).view(M, L, R).sum(2)  # (M, L)
         dg = per_row.sum(0, keepdim=True) if gates.shape[0] == 1 else per_row.view(gates.shape[0], -1, L).sum(1)
         dg = dg.to(gates.dtype)
