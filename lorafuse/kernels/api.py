@@ -27,6 +27,7 @@ from .shrink import launch_lora_shrink, lora_shrink_torch
 
 _WHAT = "fused_lora_linear"
 
+
 def _fused_backward_math(ctx, grad_y, grad_u):
     """Gradients of ``y = x W^T + bias + (U * g) b^T`` with ``U = x a^T`` (g expanded to U's columns,
     one row per token) and of the returned U itself, in fp32 (fp64 for fp64 inputs)::
