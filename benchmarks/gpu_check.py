@@ -596,17 +596,11 @@ def _plot_e2e(rows, path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------ output
-def _write_csv(path: Path, rows: list[dict], append: bool = False) -> None:
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    """``rows`` (dicts, keys in first-seen order) to ``path``, floats to 6 significant digits."""
     if not rows:
         return
     fields = list(dict.fromkeys(k for r in rows for k in r))
-    new = not (append and path.exists())
-    if not new:
-        with path.open() as f:
-            old = next(csv.reader(f), [])
-        fields = old + [k for k in fields if k not in old]
-        existing = list(csv.DictReader(path.open()))
-        rows = existing + rows
     with path.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
@@ -764,7 +758,8 @@ def main(argv: list[str] | None = None) -> int:
         res = run_part(name, out, args.dry_run, limit) if in_process else _isolated(name, out, args.dry_run, limit)
         res["limit"] = limit
         results[name] = res
-        print(f"[gpu_check] {name}: {res['status']} in {res.get('seconds', 0):.0f} s: {res.get('note', '')}", flush=True)
+        print(f"[gpu_check] {name}: {res['status']} in {res.get('seconds', 0):.0f} s: {res.get('note', '')}",
+              flush=True)
     e2e_rows = [r for fam in ("sdxl", "flux") if (out / f"e2e_{fam}.csv").exists()
                 for r in csv.DictReader((out / f"e2e_{fam}.csv").open())]
     _write_csv(out / "e2e.csv", e2e_rows)

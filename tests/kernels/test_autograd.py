@@ -41,8 +41,12 @@ def _grads(backend, x, W, b, loras, gates, w):
     return out + ([g.grad] if g is not None else [])
 
 
+def _case_id(c):
+    return f"{'x'.join(map(str, c[0]))}K{c[1]}N{c[2]}r{'-'.join(map(str, c[3]))}"
+
+
 @pytest.mark.parametrize("gate_kind", ["none", "layer", "sample"])
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{'x'.join(map(str, c[0]))}K{c[1]}N{c[2]}r{'-'.join(map(str, c[3]))}")
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_triton_gradients_match_torch_path(case, gate_kind):
     if gate_kind == "sample" and len(case[0]) == 1:
         pytest.skip("per-sample gates need a batch dimension")
