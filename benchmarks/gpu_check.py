@@ -68,11 +68,13 @@ def environment(dry_run: bool) -> dict:
         "triton": _triton_version(), "cuda": torch.version.cuda or "none", "dry_run": dry_run,
         "host": platform.node(),
     }
-    for mod in ("diffusers", "peft", "transformers"):
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in ("diffusers", "peft", "transformers"):  # versions without importing them (seconds each)
         try:
-            info[mod] = __import__(mod).__version__
-        except ImportError:
-            info[mod] = "none"
+            info[dist] = version(dist)
+        except PackageNotFoundError:
+            info[dist] = "none"
     if torch.cuda.is_available() and not dry_run:
         info["device"] = _device_name(torch.device("cuda"))
         cap = torch.cuda.get_device_capability()
