@@ -476,6 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--providers", default=None, help="comma-separated subset of: " + ",".join(P.PROVIDERS))
     p.add_argument("--rounds", type=int, default=None, help="CPU: interleaved rounds (default 5, --quick 3, issue case x3)")
     p.add_argument("--backend", default="auto", help="backend of the lorafuse providers (auto|triton|torch)")
+    p.add_argument("--time-limit", type=float, default=None,
+                   help="seconds: start no new case after this (the cases left are listed; plots cover what ran)")
     p.add_argument("--probe-copy-mb", type=int, default=None, help=argparse.SUPPRESS)  # smoke test: small probes
     p.add_argument("--probe-gemm-n", type=int, default=None, help=argparse.SUPPRESS)
     return p
@@ -506,7 +508,11 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cpu" and not args.shapes:
         print("CPU: DESIGN.md shapes run with M scaled down (noted per case); the issue case 2048x1280x1280 is unscaled.")
     all_rows = []
-    for label, case, note in cases:
+    for i, (label, case, note) in enumerate(cases):
+        if args.time_limit is not None and time.perf_counter() - t_start > args.time_limit:
+            left = ", ".join(f"{lb} {c.shape} r{c.rank} {_dtype_name(c.dtype)}" for lb, c, _ in cases[i:])
+            print(f"time limit of {args.time_limit:.0f} s reached: {len(cases) - i} case(s) not run: {left}")
+            break
         rows = run_case(label, case, device, args, peaks, args.backend)
         for r in rows:
             r["cpu_scaled_from"] = note

@@ -968,8 +968,11 @@ def accelerate_fusion(
     """
     if not isinstance(subject, str) or not isinstance(style, str):
         raise TypeError("accelerate_fusion: subject and style must be adapter names (str)")
+    from ..kernels._common import BACKENDS
     from .merged import WEIGHT_MODES
 
+    if backend not in BACKENDS:  # now, not inside the first pipe() call
+        raise ValueError(f"accelerate_fusion: backend must be one of {BACKENDS}, got {backend!r}")
     if weights not in WEIGHT_MODES:
         raise ValueError(f"accelerate_fusion: weights must be one of {WEIGHT_MODES}, got {weights!r}")
     denoisers = _find_denoisers(pipe)

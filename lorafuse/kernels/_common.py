@@ -58,6 +58,31 @@ def padded_rank(rank: int) -> int:
     return max(RANK_MULTIPLE, -(-rank // RANK_MULTIPLE) * RANK_MULTIPLE)
 
 
+#: widest rank slice one ``tl.dot`` of the expand takes (a [BLOCK_M, 64] fp32 U tile plus its
+#: [64, BLOCK_N] B tile stay in registers beside the GEMM accumulator)
+MAX_RANK_CHUNK = 64
+
+
+def rank_chunk(ranks, rank_block: int) -> int:
+    """Width of the rank slices the expand kernels loop over: the largest power of two (16..64) that
+    divides ``rank_block`` and every padded rank, so no LoRA is read past its own 16-padded rank.
+
+    ``tl.arange`` needs a power of two, ``tl.dot`` K >= 16; rank_block 48 -> 16 (3 slices), 96 -> 32,
+    128 -> 64, 208 -> 16. Ranks (4, 64) (block 64) -> 16: LoRA 0 costs one slice, not four.
+    """
+    g = rank_block
+    for r in ranks:
+        g = math.gcd(g, padded_rank(r))
+    chunk = g & -g  # the largest power of two dividing all of them (>= 16: each is a multiple of 16)
+    return max(RANK_MULTIPLE, min(MAX_RANK_CHUNK, chunk))
+
+
+def lora_chunks(ranks, chunk: int) -> tuple[int, ...]:
+    """Rank slices of width ``chunk`` that hold LoRA i's columns (the rest of its block is zero padding
+    the kernels skip): ``ceil(ceil16(r_i) / chunk)`` per LoRA."""
+    return tuple(-(-padded_rank(r) // chunk) for r in ranks)
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(1, n))))
 
@@ -102,8 +127,15 @@ def tile_configs(table: dict, interpret_config: dict) -> list:
     return configs
 
 
+def autotune_enabled() -> bool:
+    """False when ``LORAFUSE_AUTOTUNE=0``: every tiled kernel then compiles and runs only the first
+    config of its device's table (correctness checks that would otherwise spend minutes tuning)."""
+    return os.environ.get("LORAFUSE_AUTOTUNE", "1") not in ("0", "")
+
+
 def prune_by_family(tensor_arg: str):
-    """``early_config_prune`` hook: keep only the configs of the launching device's family."""
+    """``early_config_prune`` hook: keep only the configs of the launching device's family (only the
+    first of them with ``LORAFUSE_AUTOTUNE=0``)."""
 
     def prune(configs, named_args, **kwargs):
         t = named_args[tensor_arg]
@@ -113,6 +145,6 @@ def prune_by_family(tensor_arg: str):
         kept = [c for c in configs if getattr(c, "family", None) == family]
         if not kept:
             kept = [c for c in configs if getattr(c, "family", None) == "ampere"] or configs[:1]
-        return kept
+        return kept if autotune_enabled() else kept[:1]
 
     return prune

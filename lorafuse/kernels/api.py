@@ -18,13 +18,58 @@ from .fused_lora_linear import (
     gemm_block_n,
     launch_fused_gemm_expand,
     num_stat_columns,
+    row_gates,
 )
 from .lora_fixup import launch_lora_fixup, lora_fixup_torch
 from .lora_stats import LoRAStats, reduce_lora_stats
-from .packing import PackedLoRA
+from .packing import PackedLoRA, check_not_bare_triple
 from .shrink import launch_lora_shrink, lora_shrink_torch
 
 _WHAT = "fused_lora_linear"
+
+
+def _fused_backward_math(ctx, grad_y, grad_u):
+    """Gradients of ``y = x W^T + bias + (U * g) b^T`` with ``U = x a^T`` (g expanded to U's columns,
+    one row per token) and of the returned U itself, in fp32 (fp64 for fp64 inputs)::
+
+        gU = (dy b) * g + dU            dx = dy W + gU a          dW = dy^T x     dbias = sum_rows dy
+        da = gU^T x                     db = dy^T (U * g)         dg[s, i] = sum_{m in s, c in block i} (dy b * U)[m, c]
+
+    Plain torch ops (cuBLAS on a GPU), so the backward runs the same on every backend and is itself
+    differentiable. Returns the gradients of (x, weight, bias, a, b, gates) in their dtypes, None
+    for those that need none.
+    """
+    x, weight, a, b, gates, u = ctx.saved_tensors
+    need_x, need_w, need_bias, need_a, need_b, need_g = ctx.needs_input_grad[:6]
+    M, L = x.shape[0], len(ctx.ranks)
+    R = a.shape[0] // L
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    gy = grad_y.to(work) if grad_y is not None else torch.zeros(M, weight.shape[0], dtype=work, device=x.device)
+    gcol = None
+    if gates is not None:
+        gcol = row_gates(gates, M, ctx.rows_per_sample, L, work).repeat_interleave(R, dim=1)  # (M, L*R)
+    gyb = gy @ b.to(work)  # dL/d(U * g)
+    gU = gyb * gcol if gcol is not None else gyb
+    if grad_u is not None:
+        gU = gU + grad_u.to(work)
+    x_w = x.to(work)
+    dx = (gy @ weight.to(work) + gU @ a.to(work)).to(x.dtype) if need_x else None
+    dW = (gy.t() @ x_w).to(weight.dtype) if need_w else None
+    dbias = gy.sum(0).to(weight.dtype) if need_bias else None
+    da = (gU.t() @ x_w).to(a.dtype) if need_a else None
+    db = None
+    if need_b:
+        ug = u.to(work) * gcol if gcol is not None else u.to(work)
+        db = (gy.t() @ ug).to(b.dtype)
+    dg = None
+    if need_g and gates is not None and M == 0:
+        dg = torch.zeros_like(gates)
+    elif need_g and gates is not None:
+        per_row = (gyb * u.to(work)).view(M, L, R).sum(2)  # (M, L)
+        dg = per_row.sum(0, keepdim=True) if gates.shape[0] == 1 else per_row.view(gates.shape[0], -1, L).sum(1)
+        dg = dg.to(gates.dtype)
+    return dx, dW, dbias, da, db, dg
+
 
 if HAS_TRITON:
     from torch.library import triton_op, wrap_triton
@@ -38,43 +83,54 @@ if HAS_TRITON:
         b: torch.Tensor,
         gates: torch.Tensor | None,
         rows_per_sample: int,
-        num_loras: int,
+        ranks: list[int],
         stats: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         M, N = x.shape[0], weight.shape[0]
         u = torch.empty((M, a.shape[0]), dtype=torch.float32, device=x.device)
         y = torch.empty((M, N), dtype=x.dtype, device=x.device)
         tiles = -(-N // gemm_block_n(x.device)) if stats else 0
-        part = torch.empty((tiles, M, num_stat_columns(num_loras)), dtype=torch.float32, device=x.device)
+        part = torch.empty((tiles, M, num_stat_columns(len(ranks))), dtype=torch.float32, device=x.device)
         if M > 0:
             launch_lora_shrink(x, a, u, wrap=wrap_triton)
             launch_fused_gemm_expand(
-                x, weight, bias, u, b, gates, y, part if stats else None, rows_per_sample, num_loras, stats,
+                x, weight, bias, u, b, gates, y, part if stats else None, rows_per_sample, ranks, stats,
                 wrap=wrap_triton,
             )
         return y, u, part
 
     @_fused_op.register_fake
-    def _fused_op_fake(x, weight, bias, a, b, gates, rows_per_sample, num_loras, stats):
+    def _fused_op_fake(x, weight, bias, a, b, gates, rows_per_sample, ranks, stats):
         # explicit, so shape propagation never reaches a launcher (the interpreter would run it)
         M, N = x.shape[0], weight.shape[0]
         tiles = -(-N // gemm_block_n(x.device)) if stats else 0
         return (
             x.new_empty((M, N)),
             x.new_empty((M, a.shape[0]), dtype=torch.float32),
-            x.new_empty((tiles, M, num_stat_columns(num_loras)), dtype=torch.float32),
+            x.new_empty((tiles, M, num_stat_columns(len(ranks))), dtype=torch.float32),
         )
+
+    def _fused_setup_context(ctx, inputs, output):
+        x, weight, bias, a, b, gates, rows_per_sample, ranks, stats = inputs
+        ctx.save_for_backward(x, weight, a, b, gates, output[1])
+        ctx.rows_per_sample, ctx.ranks = rows_per_sample, list(ranks)
+        ctx.mark_non_differentiable(output[2])  # statistics partials: decisions, not a loss
+
+    def _fused_backward(ctx, grad_y, grad_u, grad_part):
+        return (*_fused_backward_math(ctx, grad_y, grad_u), None, None, None)
+
+    _fused_op.register_autograd(_fused_backward, setup_context=_fused_setup_context)
 
     @triton_op("lorafuse::lora_fixup", mutates_args={"y"})
     def _fixup_op(
         y: torch.Tensor, u: torch.Tensor, b: torch.Tensor, delta_gates: torch.Tensor, rows_per_sample: int,
-        num_loras: int,
+        ranks: list[int],
     ) -> None:
         if y.shape[0] > 0:
-            launch_lora_fixup(y, u, b, delta_gates, rows_per_sample, num_loras, wrap=wrap_triton)
+            launch_lora_fixup(y, u, b, delta_gates, rows_per_sample, ranks, wrap=wrap_triton)
 
     @_fixup_op.register_fake
-    def _fixup_op_fake(y, u, b, delta_gates, rows_per_sample, num_loras):
+    def _fixup_op_fake(y, u, b, delta_gates, rows_per_sample, ranks):
         return None
 
 
@@ -117,14 +173,19 @@ def check_gates(gates, x: torch.Tensor, num_loras: int, what: str = _WHAT) -> tu
                 f"{what}: per-sample gates must be (batch, {num_loras}) with batch = x.shape[0] = "
                 f"{x.shape[0] if x.dim() >= 2 else 'n/a (x is 1-D)'}, got {tuple(gates.shape)}"
             )
-        return gates.to(torch.float32).contiguous(), M // x.shape[0] if x.shape[0] else 1
+        # max(1, .): zero-token samples (M = 0) still have a well-defined (unused) row count
+        return gates.to(torch.float32).contiguous(), max(1, M // x.shape[0]) if x.shape[0] else 1
     raise ValueError(
         f"{what}: gates must be ({num_loras},) or (batch, {num_loras}) for {num_loras} LoRAs, got {tuple(gates.shape)}"
     )
 
 
 def prepare_loras(loras, x: torch.Tensor, what: str = _WHAT) -> PackedLoRA:
-    """Pack raw ``(A, B, scale)`` triples in x's dtype, or check a :class:`PackedLoRA` against x."""
+    """Pack raw ``(A, B, scale)`` triples in x's dtype, or check a :class:`PackedLoRA` against x.
+
+    A bare ``(A, B, scale)`` triple where the list of triples belongs is a ValueError that says so.
+    """
+    check_not_bare_triple(loras, what)
     if isinstance(loras, PackedLoRA):
         if loras.dtype != x.dtype:
             raise TypeError(f"{what}: packed LoRAs are {loras.dtype} but x is {x.dtype}; use packed.to(dtype=...)")
@@ -163,6 +224,8 @@ def fused_lora_forward(
     N, K = weight.shape
     if x.shape[-1] != K:
         raise ValueError(f"{_WHAT}: x has {x.shape[-1]} input features (last dim) but weight is (N={N}, K={K})")
+    if K == 0 or N == 0:
+        raise ValueError(f"{_WHAT}: weight is (N={N}, K={K}); a layer needs at least one input and one output feature")
     if bias is not None:
         if not isinstance(bias, torch.Tensor):
             raise TypeError(f"{_WHAT}: bias must be a tensor or None")
@@ -185,7 +248,7 @@ def fused_lora_forward(
     if impl == "triton":
         x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
         w = weight if weight.stride(-1) == 1 else weight.contiguous()
-        y, u, part = _fused_op(x2, w, bias, packed.a, packed.b, g, rows_per_sample, L, stats)
+        y, u, part = _fused_op(x2, w, bias, packed.a, packed.b, g, rows_per_sample, list(packed.ranks), stats)
         return FusedForward(y.reshape(*lead, N), u, part if stats else None, packed, rows_per_sample)
     if not stats:
         y = fused_lora_linear_torch(x2, weight, bias, packed, g, rows_per_sample)
@@ -223,6 +286,16 @@ def fused_lora_linear(
 
     Returns:
         y: (..., N) in x's dtype, or ``(y, stats)`` with ``stats=True``.
+
+    Any rank from 1 to 512 per LoRA (ranks may differ); any strides on x, weight, bias, A, B and
+    gates (read through their strides; only an x or weight whose last dim is strided is copied once,
+    so that the kernels' loads stay coalesced). Non-finite values follow the formula on both
+    backends (IEEE: 0 * NaN = NaN, 0 * inf = NaN): a NaN in a LoRA gated to exactly 0 still reaches
+    y; a NaN in row m of x only reaches row m. Differentiable on both backends: the Triton op's
+    backward gives x, weight, bias, the LoRA factors (through the packing) and the gates their
+    gradients; the statistics are not differentiable. Raises ValueError for K = 0 or N = 0, a bare
+    ``(A, B, scale)`` triple where a list of them belongs, and mismatched shapes; TypeError for
+    unsupported dtypes.
     """
     out = fused_lora_forward(x, weight, bias, loras, gates, stats=stats, backend=backend)
     if not stats:
@@ -241,6 +314,10 @@ def lora_fixup(
 ) -> torch.Tensor:
     """In place ``y[m] += sum_i delta_gates[sample(m), i] * U_i[m] b_i^T`` (see :mod:`.lora_fixup`).
 
+    Not differentiable (it is the speculative KL path's correction, run without autograd). On the
+    Triton backend, tiles whose rows all have zero delta gates are skipped on the device, so
+    non-finite U or b values there do not reach y; elsewhere the update follows the formula.
+
     y: (M, N) (or any (..., N) with M rows) as returned by :func:`fused_lora_forward`; u: (M, L*R) fp32;
     delta_gates: (L,) or (G, L) with G * rows_per_sample = M. Returns y.
     """
@@ -252,10 +329,12 @@ def lora_fixup(
     if u.shape != (y2.shape[0], packed.a.shape[0]) or y2.shape[1] != packed.out_features:
         raise ValueError(f"{what}: y {tuple(y2.shape)} / u {tuple(u.shape)} do not match the packed LoRAs")
     dg = delta_gates.to(torch.float32).reshape(-1, L).contiguous()
+    if y2.shape[0] == 0:  # no rows, nothing to correct (any number of zero-token samples)
+        return y
     if dg.shape[0] not in (1, max(1, y2.shape[0] // rows_per_sample)):
         raise ValueError(f"{what}: delta_gates must be ({L},) or (batch, {L}), got {tuple(delta_gates.shape)}")
     if resolve_backend(backend, y.device, what) == "triton":
-        _fixup_op(y2, u, packed.b, dg, rows_per_sample, L)
+        _fixup_op(y2, u, packed.b, dg, rows_per_sample, list(packed.ranks))
     else:
         lora_fixup_torch(y2, u, packed.b, dg, rows_per_sample, L)
     return y
@@ -271,7 +350,7 @@ def lora_shrink(x: torch.Tensor, loras: Sequence | PackedLoRA, *, backend: str =
     if resolve_backend(backend, x.device, "lora_shrink") == "triton":
         from .shrink import lora_shrink_triton
 
-        return lora_shrink_triton(x2.contiguous(), packed.a)
+        return lora_shrink_triton(x2 if x2.stride(-1) == 1 else x2.contiguous(), packed.a)
     return lora_shrink_torch(x2, packed.a)
 
 

@@ -74,52 +74,98 @@ def _resources(compiled) -> str:
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 
 
-def variants(family: str):
-    """(label, kernel, ptr types, constexprs, [(warps, stages, tile kwargs), ...], (unit, aligned))
-    per kernel variant.
+#: per-LoRA rank pairs, one per rank class of the expand kernels: the rank-slice width (16, 32 or 64
+#: columns, see ``_common.rank_chunk``) times the number of slices, unrolled at compile time. (16, 16)
+#: and (64, 64) are compiled in every dtype below; the others add 32-wide slices, several slices, unequal
+#: ranks (LoRA 0 reads one slice of its 208-wide block) and the largest supported rank, 512. The
+#: statistics epilogue is compiled for half of them (it only adds a second accumulator to the slices).
+RANK_CLASSES = ((32, 32, False), (48, 48, False), (96, 96, True), (4, 200, True), (512, 512, False),
+                (512, 512, True))
 
-    Tiled kernels list every config of ``family``'s table: the autotuner skips configs that run out of
-    resources, so a variant passes when at least one of them compiles within the shared-memory limit.
-    """
-    from .delta_stats import BLOCK_M as DELTA_BLOCK_M, BLOCK_N as DELTA_BLOCK_N, RANK_BLOCK as DELTA_RANK_BLOCK
-    from .delta_stats import _delta_abs_kernel
+
+def _rank_layout(ranks) -> tuple[int, int, tuple[int, ...]]:
+    """(RANK_BLOCK, RANK_CHUNK, LORA_CHUNKS) the launchers pass for LoRAs of these ranks."""
+    from ._common import lora_chunks, padded_rank, rank_chunk
+
+    R = max(padded_rank(r) for r in ranks)
+    chunk = rank_chunk(ranks, R)
+    return R, chunk, lora_chunks(ranks, chunk)
+
+
+def _fused_variants(family: str):
     from .fused_lora_linear import _GEMM_TABLE, _fused_lora_linear_kernel
-    from .lora_fixup import FIXUP_BLOCK_M, FIXUP_BLOCK_N, _lora_fixup_kernel
-    from .lora_stats import REDUCE_BLOCK_M, _reduce_lora_stats_kernel
-    from .merge_weight import (MERGE_BLOCK_K, MERGE_BLOCK_N, RANK_SLICE, _merge_flipped_kernel,
-                               _merge_lora_weight_kernel, _tl_dtype)
-    from .shrink import _SHRINK_TABLE, _lora_shrink_kernel
 
     gemm = [(w, s, kw) for kw, w, s in _GEMM_TABLE[family]]
-    shrink = [(w, s, kw) for kw, w, s in _SHRINK_TABLE[family]]
-    flag_sets = ((16, 2, True, True, False), (64, 2, True, True, True), (16, 1, False, False, True))
-    for dt, (rank_block, loras, bias, gated, stats) in itertools.product(("fp16", "bf16", "fp32"), flag_sets):
+    unit = ("stride_xk", "stride_wk", "stride_bias", "stride_ur", "stride_br", "stride_gl", "stride_yn")
+    aligned = ("M", "N", "K", "stride_xm", "stride_wn", "stride_um", "stride_bn", "stride_ym")
+    # every dtype on the small rank layouts with each switch set; then each rank class in fp16
+    flag_sets = [(dt, ranks, bias, gated, stats) for dt in ("fp16", "bf16", "fp32") for ranks, bias, gated, stats in (
+        ((16, 16), True, True, False), ((64, 64), True, True, True), ((16,), False, False, True))]
+    flag_sets += [("fp16", (r0, r1), True, True, stats) for r0, r1, stats in RANK_CLASSES]
+    for dt, ranks, bias, gated, stats in flag_sets:
+        R, chunk, chunks = _rank_layout(ranks)
         ptrs = dict(x_ptr=_TY[dt], w_ptr=_TY[dt], bias_ptr=_TY[dt], u_ptr="*fp32", b_ptr=_TY[dt], gate_ptr="*fp32",
                     y_ptr=_TY[dt], part_ptr="*fp32")
-        const = dict(NUM_LORAS=loras, RANK_BLOCK=rank_block, HAS_BIAS=bias, GATED=gated, STATS=stats,
-                     DOT_PRECISION="tf32", EVEN_K=False)
-        yield (f"fused_lora_linear {dt} R={rank_block} L={loras} bias={bias} gated={gated} stats={stats}",
-               _fused_lora_linear_kernel, ptrs, const, gemm,
-               (("stride_xk", "stride_wk", "stride_ur", "stride_br", "stride_gl", "stride_yn"),
-                ("M", "N", "K", "stride_xm", "stride_wn", "stride_um", "stride_bn", "stride_ym")))
-    for dt, block_r in itertools.product(("fp16", "bf16", "fp32"), (16, 128)):
+        const = dict(NUM_LORAS=len(ranks), RANK_BLOCK=R, RANK_CHUNK=chunk, LORA_CHUNKS=chunks, HAS_BIAS=bias,
+                     GATED=gated, STATS=stats, DOT_PRECISION="tf32", EVEN_K=False)
+        yield (f"fused_lora_linear {dt} ranks={'-'.join(map(str, ranks))} (R={R} slices {chunk}x{chunks}) "
+               f"bias={bias} gated={gated} stats={stats}", _fused_lora_linear_kernel, ptrs, const, gemm, (unit, aligned))
+
+
+def _shrink_variants(family: str):
+    from .shrink import _SHRINK_TABLE, _lora_shrink_kernel
+
+    shrink = [(w, s, kw) for kw, w, s in _SHRINK_TABLE[family]]
+    # BLOCK_R = min(128, next_pow2(L*R)): these four widths cover every total rank
+    for dt, block_r in [(dt, 16) for dt in ("fp16", "bf16", "fp32")] + [("fp16", 32), ("fp16", 64)] + [
+            (dt, 128) for dt in ("fp16", "bf16", "fp32")]:
         yield (f"lora_shrink {dt} BLOCK_R={block_r}", _lora_shrink_kernel,
                dict(x_ptr=_TY[dt], a_ptr=_TY[dt], u_ptr="*fp32"),
                dict(BLOCK_R=block_r, DOT_PRECISION="tf32", EVEN_K=False), shrink,
                (("stride_xk", "stride_ak", "stride_ur"), ("M", "K", "R", "stride_xm", "stride_ar", "stride_um")))
-    for dt in ("fp16", "bf16", "fp32"):
-        yield (f"lora_fixup {dt} R=16", _lora_fixup_kernel,
+
+
+def _fixup_variants(family: str):
+    from .lora_fixup import FIXUP_BLOCK_M, FIXUP_BLOCK_N, _lora_fixup_kernel
+
+    cases = [(dt, (16, 16)) for dt in ("fp16", "bf16", "fp32")] + [("fp16", (96, 96)), ("fp16", (4, 200))]
+    for dt, ranks in cases:
+        R, chunk, chunks = _rank_layout(ranks)
+        yield (f"lora_fixup {dt} ranks={'-'.join(map(str, ranks))} (R={R} slices {chunk}x{chunks})", _lora_fixup_kernel,
                dict(y_ptr=_TY[dt], u_ptr="*fp32", b_ptr=_TY[dt], dg_ptr="*fp32"),
-               dict(NUM_LORAS=2, RANK_BLOCK=16, DOT_PRECISION="tf32", BLOCK_M=FIXUP_BLOCK_M, BLOCK_N=FIXUP_BLOCK_N),
+               dict(NUM_LORAS=len(ranks), RANK_BLOCK=R, RANK_CHUNK=chunk, LORA_CHUNKS=chunks, DOT_PRECISION="tf32",
+                    BLOCK_M=FIXUP_BLOCK_M, BLOCK_N=FIXUP_BLOCK_N),
                [(4, 2, {})],
                (("stride_yn", "stride_ur", "stride_br", "stride_gl"), ("M", "N", "stride_ym", "stride_um", "stride_bn")))
+
+
+def _delta_variants(family: str):
+    from .delta_stats import BLOCK_M as DELTA_BLOCK_M, BLOCK_N as DELTA_BLOCK_N, RANK_BLOCK as DELTA_RANK_BLOCK
+    from .delta_stats import _delta_abs_kernel
+
+    # the rank is a runtime loop bound (16-wide masked slices): one variant covers every rank
     for dt, store_abs in itertools.product(("fp16", "bf16", "fp32"), (True, False)):
-        yield (f"delta_abs {dt} store_abs={store_abs}", _delta_abs_kernel,
+        yield (f"delta_abs {dt} store_abs={store_abs} (any rank)", _delta_abs_kernel,
                dict(a_ptr=_TY[dt], b_ptr=_TY[dt], out_ptr="*fp32", part_ptr="*fp32", scale="fp32"),
                dict(RANK_BLOCK=DELTA_RANK_BLOCK, BLOCK_M=DELTA_BLOCK_M, BLOCK_N=DELTA_BLOCK_N, STORE_ABS=store_abs,
                     DOT_PRECISION="ieee"),
                [(4, 3, {})],  # the launch's defaults
                (("stride_ak", "stride_br", "stride_ok"), ("row0", "K", "stride_ar", "stride_om")))
+
+
+def _reduce_variants(family: str):
+    from .lora_stats import REDUCE_BLOCK_M, _reduce_lora_stats_kernel
+
+    yield ("reduce_lora_stats", _reduce_lora_stats_kernel,
+           dict(part_ptr="*fp32", kl_ptr="*fp32", klr_ptr="*fp32", en_ptr="*fp32"),
+           dict(NUM_LORAS=2, BLOCK_M=REDUCE_BLOCK_M), [(4, 1, {})], ((), ("M",)))
+
+
+def _merge_variants(family: str):
+    from .merge_weight import (MERGE_BLOCK_K, MERGE_BLOCK_N, RANK_SLICE, _merge_flipped_kernel,
+                               _merge_lora_weight_kernel, _tl_dtype)
+
+    # the rank is a runtime loop bound (16-wide slices): one variant per dtype covers every rank
     for dt in ("fp16", "bf16", "fp32"):
         yield (f"merge_lora_weight {dt}", _merge_lora_weight_kernel,
                dict(w_ptr=_TY[dt], a_ptr="*fp32", b_ptr="*fp32", g_ptr="*fp32", out_ptr=_TY[dt]),
@@ -135,9 +181,22 @@ def variants(family: str):
                     BLOCK_N=MERGE_BLOCK_N, BLOCK_K=MERGE_BLOCK_K),
                [(4, 1, {})],
                ((), ("stride_table", "stride_gates", "stride_applied")))
-    yield ("reduce_lora_stats", _reduce_lora_stats_kernel,
-           dict(part_ptr="*fp32", kl_ptr="*fp32", klr_ptr="*fp32", en_ptr="*fp32"),
-           dict(NUM_LORAS=2, BLOCK_M=REDUCE_BLOCK_M), [(4, 1, {})], ((), ("M",)))
+
+
+#: one generator per kernel file, each ``fn(family) -> variants``; a new kernel adds one entry here
+REGISTRY = [_fused_variants, _shrink_variants, _fixup_variants, _delta_variants, _reduce_variants,
+            _merge_variants]
+
+
+def variants(family: str):
+    """(label, kernel, ptr types, constexprs, [(warps, stages, tile kwargs), ...], (unit, aligned))
+    per kernel variant, from every entry of :data:`REGISTRY`.
+
+    Tiled kernels list every config of ``family``'s table: the autotuner skips configs that run out of
+    resources, so a variant passes when at least one of them compiles within the shared-memory limit.
+    """
+    for gen in REGISTRY:
+        yield from gen(family)
 
 
 def main(argv: list[str] | None = None) -> int:

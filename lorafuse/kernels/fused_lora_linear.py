@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._common import HAS_TRITON, device_family, dot_precision, prune_by_family, tile_configs
+from ._common import HAS_TRITON, device_family, dot_precision, lora_chunks, prune_by_family, rank_chunk, tile_configs
 from .packing import PackedLoRA
 
 if HAS_TRITON:
@@ -47,6 +47,8 @@ def row_gates(gates: torch.Tensor | None, M: int, rows_per_sample: int, num_lora
     if gates is None:
         return None
     g = gates.to(work)
+    if M == 0:  # zero-token samples: no rows to gate
+        return g[:0]
     if g.shape[0] == 1:
         return g.expand(M, num_loras)
     return g.repeat_interleave(rows_per_sample, dim=0)
@@ -70,11 +72,15 @@ def fused_lora_linear_torch(
     with its gate instead of breaking the graph.
     """
     y = F.linear(x, weight, bias)  # addmm(bias, x, weight^T); x is 2-D here
+    if x.shape[0] == 0:
+        return y
     a, b, owner = packed.a_compact, packed.b_compact, packed.compact_lora
     host_gates = gates is not None and gates.shape[0] == 1 and gates.device.type == "cpu"
     if host_gates and not torch.compiler.is_compiling():  # .tolist() would break a compiled graph
         values = gates[0].tolist()
         active = [i for i, v in enumerate(values) if v != 0.0]
+        if len(active) < len(values) and not packed.finite:
+            active = list(range(len(values)))  # 0 * NaN = NaN: a zero gate skips only finite factors
         if not active:
             return y
         if len(active) == 1:  # K-LoRA / EST: only this LoRA's unpadded block
@@ -92,7 +98,7 @@ def fused_lora_linear_torch(
         if gates.shape[0] == 1:
             u.mul_(coef)
         else:
-            u.view(gates.shape[0], rows_per_sample, -1).mul_(coef[:, None, :])
+            u.view(gates.shape[0], rows_per_sample, u.shape[1]).mul_(coef[:, None, :])
     return y.addmm_(u, b.t())
 
 
@@ -171,7 +177,7 @@ if HAS_TRITON:
 
     @triton.autotune(
         configs=tile_configs(_GEMM_TABLE, _INTERPRET_GEMM),
-        key=["M", "N", "K", "NUM_LORAS", "RANK_BLOCK", "STATS", "GATED", "HAS_BIAS"],
+        key=["M", "N", "K", "NUM_LORAS", "RANK_BLOCK", "RANK_CHUNK", "LORA_CHUNKS", "STATS", "GATED", "HAS_BIAS"],
         prune_configs_by={"early_config_prune": prune_by_family("x_ptr")},
     )
     @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
@@ -179,9 +185,10 @@ if HAS_TRITON:
     def _fused_lora_linear_kernel(
         x_ptr, w_ptr, bias_ptr, u_ptr, b_ptr, gate_ptr, y_ptr, part_ptr,
         M, N, K, rows_per_sample,
-        stride_xm, stride_xk, stride_wn, stride_wk, stride_um, stride_ur, stride_bn, stride_br,
+        stride_xm, stride_xk, stride_wn, stride_wk, stride_bias,
+        stride_um, stride_ur, stride_bn, stride_br,
         stride_gs, stride_gl, stride_ym, stride_yn, stride_pt, stride_pm,
-        NUM_LORAS: tl.constexpr, RANK_BLOCK: tl.constexpr,
+        NUM_LORAS: tl.constexpr, RANK_BLOCK: tl.constexpr, RANK_CHUNK: tl.constexpr, LORA_CHUNKS: tl.constexpr,
         HAS_BIAS: tl.constexpr, GATED: tl.constexpr, STATS: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
         EVEN_K: tl.constexpr,
@@ -223,7 +230,7 @@ if HAS_TRITON:
 
         # ---- epilogue: bias, statistics of the base, gated expand of each LoRA
         if HAS_BIAS:
-            acc += tl.load(bias_ptr + rn_ld).to(tl.float32)[None, :]
+            acc += tl.load(bias_ptr + rn_ld * stride_bias).to(tl.float32)[None, :]
         if STATS:
             part_ptr += pid_n * stride_pt
             f0 = tl.where(mask_n[None, :], acc, float("-inf"))
@@ -232,14 +239,25 @@ if HAS_TRITON:
             _store_stat(part_ptr, 0, m0, rm, mask_m, stride_pm)
             _store_stat(part_ptr, 1, tl.sum(p0, axis=1), rm, mask_m, stride_pm)
 
-        rr = tl.arange(0, RANK_BLOCK)
+        # LoRA i owns columns [i*RANK_BLOCK, (i+1)*RANK_BLOCK) of U and b; only its first
+        # LORA_CHUNKS[i] slices of RANK_CHUNK columns hold its (16-padded) rank, the rest is skipped
+        rc = tl.arange(0, RANK_CHUNK)
         for i in tl.static_range(NUM_LORAS):
-            u = tl.load(u_ptr + rm_ld[:, None] * stride_um + (i * RANK_BLOCK + rr)[None, :] * stride_ur)
-            bt = tl.load(b_ptr + (i * RANK_BLOCK + rr)[:, None] * stride_br + rn_ld[None, :] * stride_bn)
             if GATED:
                 g = tl.load(gate_ptr + (rm_ld // rows_per_sample) * stride_gs + i * stride_gl)
             if STATS:
-                d = tl.dot(u.to(bt.dtype), bt, input_precision=DOT_PRECISION)
+                d = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for c in range(LORA_CHUNKS[i]):  # a loop, not unrolled: one slice live at a time
+                cols = i * RANK_BLOCK + c * RANK_CHUNK + rc
+                u = tl.load(u_ptr + rm_ld[:, None] * stride_um + cols[None, :] * stride_ur)
+                bt = tl.load(b_ptr + cols[:, None] * stride_br + rn_ld[None, :] * stride_bn)
+                if STATS:
+                    d = tl.dot(u.to(bt.dtype), bt, d, input_precision=DOT_PRECISION)
+                else:
+                    if GATED:
+                        u = u * g[:, None]
+                    acc = tl.dot(u.to(bt.dtype), bt, acc, input_precision=DOT_PRECISION)
+            if STATS:
                 d = tl.where(mask_n[None, :], d, 0.0)
                 fi = f0 + d
                 mi = tl.max(fi, axis=1)
@@ -254,10 +272,6 @@ if HAS_TRITON:
                     acc += g[:, None] * d
                 else:
                     acc += d
-            else:
-                if GATED:
-                    u = u * g[:, None]
-                acc = tl.dot(u.to(bt.dtype), bt, acc, input_precision=DOT_PRECISION)
 
         y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
@@ -274,15 +288,21 @@ def gemm_block_n(device: torch.device) -> int:
 
 
 def launch_fused_gemm_expand(
-    x, weight, bias, u, b_cat, gates, y, part, rows_per_sample, num_loras, stats, wrap=lambda k: k
+    x, weight, bias, u, b_cat, gates, y, part, rows_per_sample, ranks, stats, wrap=lambda k: k
 ) -> None:
     """Launch the GEMM + expand kernel into ``y`` (and ``part`` with ``stats``); no checks.
 
+    ``ranks``: the true rank of each packed LoRA (``b_cat`` has ``len(ranks)`` blocks of equal width), or
+    the number of LoRAs (each block then read in full).
     ``part`` must be (ceil(N / gemm_block_n(device)), M, 2 + 5L).
     """
     M, K = x.shape
     N = weight.shape[0]
-    R = b_cat.shape[1] // num_loras if num_loras else 16
+    if isinstance(ranks, int):  # a LoRA count (older callers): every block read in full
+        ranks = (b_cat.shape[1] // ranks,) * ranks
+    num_loras = len(ranks)
+    R = b_cat.shape[1] // num_loras
+    chunk = rank_chunk(ranks, R)
     gate_arg = gates if gates is not None else u
     gs = (gates.stride(0) if gates.shape[0] > 1 else 0, gates.stride(1)) if gates is not None else (0, 0)
     part_arg = part if part is not None else y
@@ -294,8 +314,9 @@ def launch_fused_gemm_expand(
     wrap(_fused_lora_linear_kernel)[grid](
         x, weight, bias if bias is not None else weight, u, b_cat, gate_arg, y, part_arg,
         M, N, K, rows_per_sample,
-        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), u.stride(0), u.stride(1),
-        b_cat.stride(0), b_cat.stride(1), gs[0], gs[1], y.stride(0), y.stride(1), ps[0], ps[1],
-        NUM_LORAS=num_loras, RANK_BLOCK=R, HAS_BIAS=bias is not None, GATED=gates is not None,
-        STATS=stats, DOT_PRECISION=dot_precision(x.dtype),
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), bias.stride(0) if bias is not None else 0,
+        u.stride(0), u.stride(1), b_cat.stride(0), b_cat.stride(1),
+        gs[0], gs[1], y.stride(0), y.stride(1), ps[0], ps[1],
+        NUM_LORAS=num_loras, RANK_BLOCK=R, RANK_CHUNK=chunk, LORA_CHUNKS=lora_chunks(ranks, chunk),
+        HAS_BIAS=bias is not None, GATED=gates is not None, STATS=stats, DOT_PRECISION=dot_precision(x.dtype),
     )

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import HAS_TRITON, dot_precision
+from ._common import HAS_TRITON, dot_precision, lora_chunks, rank_chunk
 from .fused_lora_linear import row_gates
 
 if HAS_TRITON:
@@ -38,7 +38,8 @@ if HAS_TRITON:
         y_ptr, u_ptr, b_ptr, dg_ptr,
         M, N, rows_per_sample,
         stride_ym, stride_yn, stride_um, stride_ur, stride_bn, stride_br, stride_gs, stride_gl,
-        NUM_LORAS: tl.constexpr, RANK_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        NUM_LORAS: tl.constexpr, RANK_BLOCK: tl.constexpr, RANK_CHUNK: tl.constexpr, LORA_CHUNKS: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -50,13 +51,15 @@ if HAS_TRITON:
         for i in tl.static_range(NUM_LORAS):
             changed += tl.sum(tl.abs(tl.load(g_ptrs + i * stride_gl)), axis=0)
         if changed != 0.0:  # device-side early exit: nothing flipped for these rows
-            rr = tl.arange(0, RANK_BLOCK)
+            rc = tl.arange(0, RANK_CHUNK)
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for i in tl.static_range(NUM_LORAS):
-                u = tl.load(u_ptr + rm_ld[:, None] * stride_um + (i * RANK_BLOCK + rr)[None, :] * stride_ur)
-                bt = tl.load(b_ptr + (i * RANK_BLOCK + rr)[:, None] * stride_br + rn_ld[None, :] * stride_bn)
                 g = tl.load(g_ptrs + i * stride_gl)
-                acc = tl.dot((u * g[:, None]).to(bt.dtype), bt, acc, input_precision=DOT_PRECISION)
+                for c in tl.static_range(LORA_CHUNKS[i]):  # LoRA i's rank slices, padding skipped
+                    cols = i * RANK_BLOCK + c * RANK_CHUNK + rc
+                    u = tl.load(u_ptr + rm_ld[:, None] * stride_um + cols[None, :] * stride_ur)
+                    bt = tl.load(b_ptr + cols[:, None] * stride_br + rn_ld[None, :] * stride_bn)
+                    acc = tl.dot((u * g[:, None]).to(bt.dtype), bt, acc, input_precision=DOT_PRECISION)
             mask = (rm[:, None] < M) & (rn[None, :] < N)
             y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn
             y = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
@@ -67,19 +70,24 @@ FIXUP_BLOCK_M = 64
 FIXUP_BLOCK_N = 64
 
 
-def launch_lora_fixup(y, u, b_cat, delta_gates, rows_per_sample, num_loras, wrap=lambda k: k) -> None:
+def launch_lora_fixup(y, u, b_cat, delta_gates, rows_per_sample, ranks, wrap=lambda k: k) -> None:
+    """Launch the fix-up into ``y`` (M, N) in place; ``ranks`` the true rank of each packed LoRA. No checks."""
     M, N = y.shape
+    if isinstance(ranks, int):  # a LoRA count (older callers): every block read in full
+        ranks = (b_cat.shape[1] // ranks,) * ranks
+    R = b_cat.shape[1] // len(ranks)
+    chunk = rank_chunk(ranks, R)
     grid = (triton.cdiv(M, FIXUP_BLOCK_M), triton.cdiv(N, FIXUP_BLOCK_N))
     wrap(_lora_fixup_kernel)[grid](
         y, u, b_cat, delta_gates, M, N, rows_per_sample,
         y.stride(0), y.stride(1), u.stride(0), u.stride(1), b_cat.stride(0), b_cat.stride(1),
         delta_gates.stride(0) if delta_gates.shape[0] > 1 else 0, delta_gates.stride(1),
-        NUM_LORAS=num_loras, RANK_BLOCK=b_cat.shape[1] // num_loras, DOT_PRECISION=dot_precision(y.dtype),
-        BLOCK_M=FIXUP_BLOCK_M, BLOCK_N=FIXUP_BLOCK_N,
+        NUM_LORAS=len(ranks), RANK_BLOCK=R, RANK_CHUNK=chunk, LORA_CHUNKS=lora_chunks(ranks, chunk),
+        DOT_PRECISION=dot_precision(y.dtype), BLOCK_M=FIXUP_BLOCK_M, BLOCK_N=FIXUP_BLOCK_N,
     )
 
 
-def lora_fixup_triton(y, u, b_cat, delta_gates, rows_per_sample: int, num_loras: int) -> torch.Tensor:
+def lora_fixup_triton(y, u, b_cat, delta_gates, rows_per_sample: int, ranks) -> torch.Tensor:
     if y.shape[0]:
-        launch_lora_fixup(y, u, b_cat, delta_gates, rows_per_sample, num_loras)
+        launch_lora_fixup(y, u, b_cat, delta_gates, rows_per_sample, ranks)
     return y

@@ -8,7 +8,9 @@ smaller ranks, so the padding contributes exact zeros)::
     b: (N, L * R)   b[:, i*R : i*R + r_i] = s_i * B_i         (scale folded into B)
 
 so that ``sum_i s_i (x A_i^T) B_i^T = (x a^T) b^T`` and LoRA i owns the columns ``[i*R, (i+1)*R)`` of
-the shrink ``U = x a^T``. Uniform blocks let the kernels address LoRA i with compile-time offsets.
+the shrink ``U = x a^T``. Uniform blocks let the kernels address LoRA i with compile-time offsets; the
+expand kernels read each block in slices of 16, 32 or 64 columns and stop after LoRA i's own 16-padded
+rank, so a rank-4 LoRA beside a rank-200 one costs one 16-wide slice, not 208 columns (any rank 1..512).
 The torch path (CPU) uses the unpadded concatenations ``a_compact`` (sum r_i, K) and ``b_compact``
 (N, sum r_i) instead: on a CPU padding is pure waste.
 """
@@ -39,6 +41,22 @@ def _check_scale(i: int, scale) -> torch.Tensor | float:
     if not math.isfinite(scale):
         raise ValueError(f"{_WHAT}: scale of LoRA {i} is not finite ({scale})")
     return float(scale)
+
+
+def check_not_bare_triple(loras, what: str = _WHAT) -> None:
+    """ValueError for one bare ``(A, B, scale)`` passed where a sequence of such triples belongs
+    (``[(A, B, scale)]``): without this check its A would be read as LoRA 0 and fail obscurely."""
+    if (
+        isinstance(loras, (list, tuple))
+        and len(loras) == 3
+        and isinstance(loras[0], torch.Tensor)
+        and isinstance(loras[1], torch.Tensor)
+        and loras[0].dim() == 2
+    ):
+        raise ValueError(
+            f"{what}: loras must be a sequence of (A, B, scale) triples, got a single (A, B, scale) triple; "
+            "wrap it in a list: [(A, B, scale)]"
+        )
 
 
 @dataclass(frozen=True, eq=False)
@@ -101,6 +119,7 @@ class PackedLoRA:
         """
         if isinstance(loras, PackedLoRA):
             return loras.to(dtype=dtype, device=device)
+        check_not_bare_triple(loras)
         if not isinstance(loras, (list, tuple)) or len(loras) == 0:
             raise ValueError(f"{_WHAT}: loras must be a non-empty sequence of (A, B, scale), got {type(loras).__name__}")
         factors = []
@@ -171,6 +190,15 @@ class PackedLoRA:
             rows = slice(self.offset(i), self.offset(i) + r)
             blocks.append((self.a_compact[rows].t(), self.b_compact[:, rows].t()))
         return tuple(blocks)
+
+    @cached_property
+    def finite(self) -> bool:
+        """True when every packed factor is finite (one host sync, the first time it is read).
+
+        The torch path skips LoRAs gated to exactly 0 only when this holds, so that both backends
+        follow the formula's IEEE semantics (0 * NaN = NaN) for non-finite factors."""
+        # .tolist(), as the torch path reads its host gates: only ever called there, on CPU tensors
+        return torch.isfinite(self.a_compact).all().tolist() and torch.isfinite(self.b_compact).all().tolist()
 
     def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> "PackedLoRA":
         """A copy in another dtype / on another device (self when nothing changes)."""

@@ -1,0 +1,776 @@
+"""The GPU check in one command: everything a lent CUDA GPU should prove, in at most 8 minutes on an
+H100/H200, written into one folder.
+
+    python -m benchmarks.gpu_check --out DIR [--dry-run] [--time-limit 470] [--parts pytest,fuzz,...]
+
+Parts, run in this order, each in its own process with its own time limit (a crash, a CUDA error that
+poisons the context, or a hang is recorded for that part and the next part still runs):
+
+- ``pytest``  the GPU-only tests (``-m gpu``: bf16, CUDA graphs, torch.compile, opcheck, gradients) on
+              the real kernels, no interpreter; log in ``pytest.log``.
+- ``fuzz``    every registered kernel (:data:`FUZZ`) against its torch reference at the DESIGN.md
+              shapes and every rank class, fp16 and bf16: ``fuzz.csv`` and ``fuzz.png``.
+- ``layer``   the per-layer benchmark sweep of :mod:`benchmarks.run` at the DESIGN.md shapes (fp16,
+              rank 16): ``layer.csv`` and ``plots/``.
+- ``e2e_sdxl``, ``e2e_flux``  one denoiser step of the full-size SDXL UNet (fp16, batch 2, 128x128
+              latents) and FLUX transformer (bf16, 1024^2: 4096 image + 512 text tokens), random
+              weights, two rank-16 LoRAs on the attention (and FLUX MLP) linears: bare (LoRA disabled),
+              PEFT with both adapters, and ``accelerate_fusion`` with klora / est / merge / kl, eager
+              and with the repeated blocks ``torch.compile``d (diffusers' regional compilation),
+              medians of ``triton.testing.do_bench``, ratios to bare from the same run: ``e2e.csv``
+              and ``e2e.png``.
+
+``summary.md`` gathers the device, driver, torch / triton / CUDA versions, git commit, date, each part's
+status and time, and the tables. ``--dry-run`` runs every part on the CPU with tiny shapes (the tiny
+pipelines of :mod:`lorafuse.integrations.tiny`, Triton through the interpreter), in-process, in well
+under a minute: CI runs it (``tests/test_gpu_check.py``). Results of a real run are committed under
+``benchmarks/results/gpu/<date>_<device>/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# seconds per part on a GPU (the total stays under 8 minutes with process start-up); dry run: a cap only
+PART_BUDGET = {"pytest": 70, "fuzz": 55, "layer": 95, "e2e_sdxl": 120, "e2e_flux": 120}
+DRY_BUDGET = {"pytest": 40, "fuzz": 30, "layer": 30, "e2e_sdxl": 40, "e2e_flux": 40}
+PARTS = tuple(PART_BUDGET)
+TOTAL_LIMIT = 470.0
+# per-LoRA rank classes (rank-slice width x number of slices, unequal ranks, the largest rank)
+RANK_CLASSES = (1, 7, 16, 17, 33, 48, 64, 65, 96, 100, 128, 200, 512)
+METHODS = ("klora", "est", "merge", "kl")
+
+
+# ------------------------------------------------------------------------------------- environment
+def environment(dry_run: bool) -> dict:
+    import torch
+
+    from benchmarks.run import _device_name, _git_commit, _triton_version
+
+    info = {
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "git_commit": _git_commit(), "python": platform.python_version(), "torch": torch.__version__,
+        "triton": _triton_version(), "cuda": torch.version.cuda or "none", "dry_run": dry_run,
+        "host": platform.node(),
+    }
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in ("diffusers", "peft", "transformers"):  # versions without importing them (seconds each)
+        try:
+            info[dist] = version(dist)
+        except PackageNotFoundError:
+            info[dist] = "none"
+    if torch.cuda.is_available() and not dry_run:
+        info["device"] = _device_name(torch.device("cuda"))
+        cap = torch.cuda.get_device_capability()
+        info["capability"] = f"sm_{cap[0]}{cap[1]}"
+        info["gpu_memory_gb"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=20)
+            info["driver"] = out.stdout.strip().splitlines()[0] if out.returncode == 0 else "unknown"
+        except (OSError, subprocess.SubprocessError, IndexError):
+            info["driver"] = "unknown"
+    else:
+        info["device"] = _device_name(torch.device("cpu"))
+        info["driver"] = "none (CPU)"
+    return info
+
+
+# ------------------------------------------------------------------------------------------ pytest
+def part_pytest(out: Path, dry: bool, limit: float) -> dict:
+    """The GPU-only tests (marker ``gpu``) without the interpreter; the dry run only collects them."""
+    env = dict(os.environ, LORAFUSE_AUTOTUNE="0")  # correctness: one config per kernel variant, no tuning
+    if not dry:
+        env.pop("TRITON_INTERPRET", None)
+    cmd = [sys.executable, "-m", "pytest", "tests", "-m", "gpu", "-q", "-p", "no:cacheprovider", "-rs"]
+    if dry:  # collect only, and only where the gpu tests live (collecting all of tests/ imports diffusers)
+        cmd[3:4] = ["tests/kernels"]
+        cmd.append("--collect-only")
+    log = out / "pytest.log"
+    with log.open("w") as f:
+        f.write("$ " + " ".join(cmd) + "\n")
+        f.flush()
+        try:
+            rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=limit).returncode
+        except subprocess.TimeoutExpired:
+            f.write(f"\n[gpu_check] pytest stopped after its {limit:.0f} s limit\n")
+            return {"status": "timeout", "note": f"stopped after {limit:.0f} s; see pytest.log"}
+    last = [ln for ln in log.read_text().splitlines() if ln.strip()][-1:]
+    return {"status": "ok" if rc == 0 else "failed", "note": (last[0] if last else "") + f" (exit {rc})"}
+
+
+# -------------------------------------------------------------------------------------------- fuzz
+def _rel(out, ref) -> float:
+    out, ref = out.double(), ref.double()
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def _lora_set(ranks, K, N, dtype, device, gen):
+    import torch
+
+    def rnd(*shape, std):
+        return (torch.randn(*shape, generator=gen) * std).to(device, dtype)
+
+    return [(rnd(r, K, std=K**-0.5), rnd(N, r, std=0.3 * r**-0.5), s) for r, s in zip(ranks, (1.0, -0.75))]
+
+
+def _fuzz_layer(case, device, gen):
+    import torch
+
+    M, K, N = case["M"], case["K"], case["N"]
+    x = (torch.randn(M, K, generator=gen)).to(device, case["dtype"])
+    W = (torch.randn(N, K, generator=gen) * K**-0.5).to(device, case["dtype"])
+    b = (torch.randn(N, generator=gen) * 0.1).to(device, case["dtype"])
+    return x, W, b, _lora_set(case["ranks"], K, N, case["dtype"], device, gen)
+
+
+def _formula64(x3, W, b, loras, gates):
+    """fp64 ``y = x W^T + b + sum_i g_i s_i (x A_i^T) B_i^T`` (gates (batch, L)) and each d_i's row energy."""
+    x64 = x3.double()
+    y = x64 @ W.double().t() + b.double()
+    energy = []
+    for i, (A, B, s) in enumerate(loras):
+        d = s * (x64 @ A.double().t()) @ B.double().t()
+        y = y + gates[:, i].double().reshape(-1, 1, 1) * d
+        energy.append((d * d).sum(-1).reshape(-1))
+    return y, energy
+
+
+def _sample_gates(case, num_loras, rows, device):
+    import torch
+
+    B = 2 if case["M"] % 2 == 0 else 1
+    return torch.tensor(rows[:B], device=device)[:, :num_loras], B
+
+
+def fuzz_fused(case, device, backend, gen):
+    """fused_lora_linear with per-sample gates (+ statistics) vs the fp64 formula on the same device."""
+    from lorafuse.kernels import fused_lora_linear
+
+    x, W, b, loras = _fuzz_layer(case, device, gen)
+    gates, B = _sample_gates(case, len(loras), [[1.0, 0.5], [0.0, -1.0]], device)
+    x3 = x.reshape(B, -1, x.shape[-1])
+    out = fused_lora_linear(x3, W, b, loras, gates, stats=case["stats"], backend=backend)
+    y, st = out if case["stats"] else (out, None)
+    ref, energy = _formula64(x3, W, b, loras, gates)
+    checks = [("y", _rel(y, ref))]
+    if st is not None:
+        checks += [(f"energy{i}", _rel(st.energy[:, i], e)) for i, e in enumerate(energy)]
+    return checks
+
+
+def fuzz_shrink(case, device, backend, gen):
+    from lorafuse.kernels import PackedLoRA, lora_shrink
+
+    x, _, _, loras = _fuzz_layer(case, device, gen)
+    packed = PackedLoRA.pack(loras, dtype=x.dtype)
+    u = lora_shrink(x, packed, backend=backend)
+    return [("u", _rel(u, x.double() @ packed.a.double().t()))]
+
+
+def fuzz_fixup(case, device, backend, gen):
+    """A speculative pass with the old gates, then the fix-up to the new ones, vs the fp64 formula."""
+    from lorafuse.kernels import fused_lora_forward, lora_fixup
+
+    x, W, b, loras = _fuzz_layer(case, device, gen)
+    old, B = _sample_gates(case, len(loras), [[1.0, 0.0], [0.0, 1.0]], device)
+    new, _ = _sample_gates(case, len(loras), [[0.0, 1.0], [0.0, 1.0]], device)
+    x3 = x.reshape(B, -1, x.shape[-1])
+    out = fused_lora_forward(x3, W, b, loras, old, stats=True, backend=backend)
+    lora_fixup(out.y, out.u, out.packed, new - old, out.rows_per_sample, backend=backend)
+    return [("y", _rel(out.y, _formula64(x3, W, b, loras, new)[0]))]
+
+
+def fuzz_delta_stats(case, device, backend, gen):
+    from lorafuse.kernels.delta_stats import lora_delta_topk_l1
+
+    _, _, _, loras = _fuzz_layer(dict(case, M=1), device, gen)
+    A, B, s = loras[-1]
+    top, l1 = lora_delta_topk_l1(A, B, s, 64, backend=backend)
+    rtop, rl1 = lora_delta_topk_l1(A, B, s, 64, backend="torch")
+    return [("topk", abs(float(top - rtop)) / max(abs(float(rtop)), 1e-30)),
+            ("l1", abs(float(l1 - rl1)) / max(abs(float(rl1)), 1e-30))]
+
+
+#: kernel name -> fn(case, device, backend, generator) -> [(what, relative error)]; case holds M, K, N,
+#: ranks (one or two LoRAs), dtype, stats. A new kernel adds one entry (and a tolerance below if needed).
+FUZZ = {"fused_lora_linear": fuzz_fused, "lora_shrink": fuzz_shrink, "lora_fixup": fuzz_fixup,
+        "lora_delta_topk_l1": fuzz_delta_stats}
+# relative-error tolerance by activation dtype name (kernels' fp32 accumulation, operands rounded once)
+FUZZ_TOL = {"float32": 1e-4, "float16": 5e-3, "bfloat16": 3e-2}
+
+
+def fuzz_cases(dry: bool):
+    """Every rank class at one of the DESIGN.md shapes (rotating), fp16; bf16 and statistics on alternate
+    cases; the dry run at tiny shapes, fp32, a few rank classes."""
+    import torch
+
+    from benchmarks.run import SHAPES
+
+    if dry:
+        return [dict(M=6, K=16, N=24, ranks=(r, 4), dtype=torch.float32, stats=i % 2 == 0, shape="tiny")
+                for i, r in enumerate((1, 48, 200))]
+    cases = []
+    for i, r in enumerate(RANK_CLASSES):
+        name, M, K, N = SHAPES[i % len(SHAPES)]
+        other = RANK_CLASSES[(i * 5 + 3) % len(RANK_CLASSES)]
+        cases.append(dict(M=M, K=K, N=N, ranks=(r, other), dtype=torch.bfloat16 if i % 3 == 2 else torch.float16,
+                          stats=i % 2 == 0, shape=name))
+    return cases
+
+
+def part_fuzz(out: Path, dry: bool, limit: float) -> dict:
+    import torch
+
+    device = torch.device("cpu" if dry else "cuda")
+    t0 = time.perf_counter()
+    rows, skipped = [], 0
+    cases = fuzz_cases(dry)
+    tune = os.environ.get("LORAFUSE_AUTOTUNE")
+    os.environ["LORAFUSE_AUTOTUNE"] = "0"  # correctness only: compile one config per variant, no tuning
+    for i, case in enumerate(cases):  # every kernel per case: a time limit cuts rank classes, not kernels
+        for name, fn in FUZZ.items():
+            if time.perf_counter() - t0 > limit:
+                skipped += 1
+                continue
+            gen = torch.Generator().manual_seed(1000 + i)
+            dname = str(case["dtype"]).replace("torch.", "")
+            row = dict(kernel=name, shape=f"{case['shape']} {case['M']}x{case['K']}x{case['N']}",
+                       ranks="-".join(map(str, case["ranks"])), dtype=dname, stats=case["stats"])
+            t1 = time.perf_counter()
+            try:
+                for what, err in fn(case, device, "triton", gen):
+                    rows.append(dict(row, check=what, rel_err=err, tol=FUZZ_TOL[dname],
+                                     ok=bool(err <= FUZZ_TOL[dname]), seconds=round(time.perf_counter() - t1, 3),
+                                     error=""))
+            except Exception as exc:  # noqa: BLE001 - recorded, the other cases still run
+                rows.append(dict(row, check="-", rel_err=math.nan, tol=FUZZ_TOL[dname], ok=False,
+                                 seconds=round(time.perf_counter() - t1, 3),
+                                 error=f"{type(exc).__name__}: {str(exc)[:300]}"))
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+        _write_csv(out / "fuzz.csv", rows)  # after every case: kept if this process is killed
+    if tune is None:
+        os.environ.pop("LORAFUSE_AUTOTUNE")
+    else:
+        os.environ["LORAFUSE_AUTOTUNE"] = tune
+    _write_csv(out / "fuzz.csv", rows)
+    _plot_fuzz(rows, out / "fuzz.png")
+    bad = [r for r in rows if not r["ok"]]
+    note = f"{len(rows) - len(bad)}/{len(rows)} checks within tolerance"
+    if skipped:
+        note += f", {skipped} case(s) not run (time limit)"
+    return {"status": "ok" if not bad and not skipped else ("failed" if bad else "partial"), "note": note,
+            "failures": [f"{r['kernel']} {r['shape']} r{r['ranks']} {r['dtype']} {r['check']}: "
+                         + (r["error"] or f"rel err {r['rel_err']:.2e} > {r['tol']:.0e}") for r in bad][:20]}
+
+
+def _plot_fuzz(rows, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for name in dict.fromkeys(r["kernel"] for r in rows):
+        pts = [(int(r["ranks"].split("-")[0]), r["rel_err"] / r["tol"]) for r in rows
+               if r["kernel"] == name and r["rel_err"] == r["rel_err"]]
+        if pts:
+            ax.scatter(*zip(*pts), label=name, s=18)
+    ax.axhline(1.0, color="red", lw=1, ls="--", label="tolerance")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("rank of LoRA 0")
+    ax.set_ylabel("relative error / tolerance")
+    ax.set_title("kernels vs torch reference (every rank class)", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------- layer
+def part_layer(out: Path, dry: bool, limit: float) -> dict:
+    from benchmarks import run as R
+
+    argv = ["--csv", str(out / "layer.csv"), "--plot", "--plot-dir", str(out / "plots"),
+            "--time-limit", str(max(1.0, limit - 25))]
+    if dry:
+        argv += ["--device", "cpu", "--shapes", "64x64x48", "--ranks", "8", "--rounds", "1",
+                 "--probe-copy-mb", "8", "--probe-gemm-n", "128"]
+    else:
+        argv += ["--device", "cuda", "--dtypes", "float16", "--ranks", "16", "--gates", "both"]
+    rc = R.main(argv)
+    rows = list(csv.DictReader((out / "layer.csv").open())) if (out / "layer.csv").exists() else []
+    ratios = {}
+    for r in rows:
+        if r["mode"] in ("events", "wallclock"):
+            ratios.setdefault(r["provider"], []).append(float(r["vs_flinear"]))
+    geo = {p: math.exp(statistics.fmean(math.log(v) for v in vs)) for p, vs in ratios.items() if vs}
+    return {"status": "ok" if rc == 0 and rows else "failed", "note": f"{len(rows)} rows",
+            "geomean_vs_flinear": geo}
+
+
+# --------------------------------------------------------------------------------------------- e2e
+SDXL_UNET = dict(  # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816, norm_num_groups=32,
+)
+FLUX_TRANSFORMER = dict(  # black-forest-labs/FLUX.1-dev transformer/config.json
+    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+    num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+    axes_dims_rope=(16, 56, 56),
+)
+
+
+def _build_denoiser(family: str, dry: bool, device, dtype):
+    """(model, call kwargs, timestep divisor, LoRA targets) with random weights."""
+    import torch
+
+    from lorafuse.integrations import tiny
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    if family == "sdxl":
+        if dry:
+            model, B, lat, txt, width, pooled = tiny.sdxl_pipeline().unet, 2, 16, 77, 64, 32
+        else:
+            from diffusers import UNet2DConditionModel
+
+            with torch.device(device), _default_dtype(dtype):  # built in place: no fp32 copy on the GPU
+                model = UNet2DConditionModel(**SDXL_UNET)
+            B, lat, txt, width, pooled = 2, 128, 77, 2048, 1280
+        model = model.to(device, dtype).eval()
+        time_ids = torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]]).repeat(B, 1)
+        kwargs = dict(sample=torch.randn(B, 4, lat, lat, generator=g), timestep=torch.tensor(500.0),
+                      encoder_hidden_states=torch.randn(B, txt, width, generator=g),
+                      added_cond_kwargs={"text_embeds": torch.randn(B, pooled, generator=g), "time_ids": time_ids})
+        return model, _to(kwargs, device, dtype), 1000.0, tiny.ATTN_TARGETS
+    if dry:
+        model, img, txt, chans, width, pooled = tiny.flux_pipeline().transformer, 64, 8, 4, 32, 32
+        guidance = None
+    else:
+        from diffusers import FluxTransformer2DModel
+
+        with torch.device(device), _default_dtype(dtype):  # 12B parameters: 24 GB in bf16, never 48 in fp32
+            model = FluxTransformer2DModel(**FLUX_TRANSFORMER)
+        img, txt, chans, width, pooled, guidance = 4096, 512, 64, 4096, 768, torch.tensor([3.5])
+    model = model.to(device, dtype).eval()
+    side = int(math.isqrt(img))
+    img_ids = torch.zeros(side, side, 3)
+    img_ids[..., 1] = torch.arange(side)[:, None]
+    img_ids[..., 2] = torch.arange(side)[None, :]
+    kwargs = dict(hidden_states=torch.randn(1, img, chans, generator=g), timestep=torch.tensor([0.5]),
+                  encoder_hidden_states=torch.randn(1, txt, width, generator=g),
+                  pooled_projections=torch.randn(1, pooled, generator=g), img_ids=img_ids.reshape(-1, 3),
+                  txt_ids=torch.zeros(txt, 3), guidance=guidance, return_dict=False)
+    return model, _to(kwargs, device, dtype), 1.0, tiny.FLUX_TARGETS
+
+
+class _default_dtype:
+    """``torch.set_default_dtype`` for the duration of a ``with`` block."""
+
+    def __init__(self, dtype):
+        self.dtype = dtype
+
+    def __enter__(self):
+        import torch
+
+        self.old = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
+
+    def __exit__(self, *exc):
+        import torch
+
+        torch.set_default_dtype(self.old)
+
+
+def _to(obj, device, dtype):
+    import torch
+
+    if isinstance(obj, dict):
+        return {k: _to(v, device, dtype) for k, v in obj.items()}
+    if isinstance(obj, torch.Tensor):
+        keep = obj.dim() == 0 or (obj.dim() == 2 and obj.shape[-1] == 3)  # timestep, FLUX position ids: fp32
+        return obj.to(device, torch.float32 if keep else dtype)
+    return obj
+
+
+def _add_loras(model, targets, ranks, seed=0):
+    """Two PEFT adapters "subject" and "style" on ``targets`` with random A and B (B != 0)."""
+    import torch
+    from peft import LoraConfig
+
+    g = torch.Generator().manual_seed(seed)
+    for name, r in zip(("subject", "style"), ranks):
+        model.add_adapter(LoraConfig(r=r, lora_alpha=r, target_modules=list(targets), init_lora_weights="gaussian"),
+                          adapter_name=name)
+    with torch.no_grad():
+        for mod in model.modules():
+            for name in ("subject", "style"):
+                lb = getattr(mod, "lora_B", None)
+                if lb is not None and name in lb:
+                    w = lb[name].weight
+                    w.copy_((torch.randn(w.shape, generator=g) * 0.02).to(w.device, w.dtype))
+    model.set_adapters(["subject", "style"])
+
+
+def _compile_regions(model, backend: str):
+    """``torch.compile`` of the model's repeated blocks (diffusers' regional compilation: every UNet /
+    FLUX transformer block, compiled once per distinct shape, minutes less than the whole model, the
+    same steady-state speed); returns the undo. The whole model when it names no repeated blocks."""
+    import torch
+
+    names = set(getattr(model, "_repeated_blocks", ()) or ())
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    for m in blocks or [model]:
+        m.compile(backend=backend)
+
+    def undo():
+        for m in blocks or [model]:
+            m._compiled_call_impl = None
+        torch._dynamo.reset()
+
+    return undo
+
+
+def _timer(dry: bool):
+    if dry:  # one timed call (the caller's first call was the warm-up): the dry run proves the path only
+        def bench(fn):
+            t0 = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t0) * 1e3
+        return bench
+    from triton.testing import do_bench
+
+    return lambda fn: do_bench(fn, warmup=100, rep=600, return_mode="median")
+
+
+def part_e2e(family: str, out: Path, dry: bool, limit: float) -> dict:
+    import warnings
+
+    import torch
+
+    import lorafuse
+
+    warnings.filterwarnings("ignore")
+    t0 = time.perf_counter()
+    device = torch.device("cpu" if dry else "cuda")
+    dtype = torch.float32 if dry else (torch.float16 if family == "sdxl" else torch.bfloat16)
+    model, kwargs, divisor, targets = _build_denoiser(family, dry, device, dtype)
+    _add_loras(model, targets, (16, 16))
+    bench = _timer(dry)
+    rows, notes = [], []
+
+    def call(m):
+        with torch.no_grad():
+            return m(**kwargs)
+
+    def first(o):
+        return (o[0] if isinstance(o, (tuple, list)) else o.sample).float()
+
+    variants = ["bare", "peft"] + list(METHODS)
+    compile_modes = ["eager", "compiled"]
+    ref = None
+    compile_seconds = None if dry else {"sdxl": 40.0, "flux": 40.0}[family]  # first guess, then measured
+    meta = dict(dtype=str(dtype).replace("torch.", ""), shape=_shape_note(family, dry), lora_ranks="16,16")
+
+    def flush():
+        """Rows so far, ratios to bare of the same mode, to e2e_<family>.csv (kept if this process is killed)."""
+        for mode in compile_modes:
+            base = next((r["median_ms"] for r in rows if r["mode"] == mode and r["variant"] == "bare"
+                         and r["status"] == "ok"), math.nan)
+            for r in rows:
+                if r["mode"] == mode and "median_ms" in r:
+                    r["x_bare"] = r["median_ms"] / base
+        _write_csv(out / f"e2e_{family}.csv", [dict(meta, **r) for r in rows])
+    for mode in compile_modes:
+        for variant in variants:
+            label = f"{family} {variant} {mode}"
+            left = limit - (time.perf_counter() - t0)
+            need = 5.0 if mode == "eager" or dry else compile_seconds * 1.3
+            if dry and mode == "compiled" and variant not in ("bare", "klora"):
+                rows.append(dict(model=family, variant=variant, mode=mode, status="skipped (dry run)"))
+                continue
+            if left < need:
+                rows.append(dict(model=family, variant=variant, mode=mode, status="skipped (time limit)"))
+                continue
+            handle = undo = None
+            try:
+                if variant == "bare":
+                    model.disable_adapters()
+                else:
+                    model.enable_adapters()
+                    model.set_adapters(["subject", "style"])
+                if variant in METHODS:
+                    handle = lorafuse.accelerate_fusion(model, "subject", "style", variant, log_gates=False,
+                                                        timestep_divisor=divisor)
+                fn_model = model
+                if mode == "compiled":
+                    torch._dynamo.reset()
+                    undo = _compile_regions(model, backend="eager" if dry else "inductor")
+                tc = time.perf_counter()
+                y = first(call(fn_model))
+                if mode == "compiled":
+                    compile_seconds = time.perf_counter() - tc
+                if variant == "peft" and mode == "eager":
+                    ref = y
+                ms = bench(lambda: call(fn_model))
+                rows.append(dict(model=family, variant=variant, mode=mode, status="ok", median_ms=ms,
+                                 rel_diff_vs_peft=_rel(y, ref) if ref is not None else math.nan,
+                                 first_call_s=round(time.perf_counter() - tc, 2)))
+            except Exception as exc:  # noqa: BLE001 - recorded; the other rows still run
+                rows.append(dict(model=family, variant=variant, mode=mode,
+                                 status=f"failed: {type(exc).__name__}: {str(exc)[:200]}"))
+                notes.append(f"{label}: {traceback.format_exc(limit=3)[-600:]}")
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+            finally:
+                if mode == "compiled" and undo is not None:
+                    undo()
+                    undo = None
+                if handle is not None:
+                    handle.remove()
+            flush()
+            print(f"[e2e] {label}: {rows[-1].get('status')} {rows[-1].get('median_ms', '')}", flush=True)
+    flush()
+    rows = [dict(meta, **r) for r in rows]
+    failed = [r for r in rows if r["status"].startswith("failed")]
+    skipped = [r for r in rows if r["status"].startswith("skipped (time")]
+    status = "failed" if failed else "partial" if skipped else "ok"
+    return {"status": status, "note": f"{sum(r['status'] == 'ok' for r in rows)}/{len(rows)} rows measured",
+            "rows": rows, "failures": notes[:6]}
+
+
+def _shape_note(family, dry):
+    if dry:
+        return "tiny config (lorafuse.integrations.tiny)"
+    return "batch 2, 128x128 latents, 77 text tokens" if family == "sdxl" else "1024^2: 4096 image + 512 text tokens"
+
+
+def _plot_e2e(rows, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    if not models:
+        return
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
+    for ax, m in zip(axes[0], models):
+        variants = list(dict.fromkeys(r["variant"] for r in rows if r["model"] == m))
+        for j, mode in enumerate(("eager", "compiled")):
+            vals = [next((float(r["x_bare"]) for r in rows if r["model"] == m and r["variant"] == v
+                          and r["mode"] == mode and r.get("x_bare") not in (None, "")), math.nan) for v in variants]
+            ax.bar([i + 0.4 * j for i in range(len(variants))], vals, 0.4, label=mode)
+        ax.set_xticks([i + 0.2 for i in range(len(variants))], variants, fontsize=8)
+        ax.axhline(1.0, color="gray", lw=1, ls="--")
+        ax.set_ylabel("denoiser step time / bare (same mode)")
+        ax.set_title(m, fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------ output
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    """``rows`` (dicts, keys in first-seen order) to ``path``, floats to 6 significant digits."""
+    if not rows:
+        return
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+
+
+def write_summary(out: Path, env: dict, results: dict, total_s: float) -> Path:
+    lines = [f"# lorafuse GPU check: {env.get('device')}", ""]
+    lines += ["| | |", "|---|---|"]
+    for key in ("date", "device", "capability", "gpu_memory_gb", "driver", "cuda", "torch", "triton", "diffusers",
+                "peft", "python", "git_commit", "dry_run"):
+        if key in env:
+            lines.append(f"| {key} | {env[key]} |")
+    lines.append(f"| total time | {total_s:.0f} s |")
+    lines += ["", "## Parts", "", "| part | status | seconds | limit s | note |", "|---|---|---|---|---|"]
+    for name, r in results.items():
+        lines.append(f"| {name} | {r.get('status')} | {r.get('seconds', 0):.0f} | {r.get('limit', 0):.0f} | "
+                     f"{str(r.get('note', '')).replace('|', '/')} |")
+    for name, r in results.items():
+        if r.get("failures"):
+            lines += ["", f"### {name}: failures", ""] + [f"- `{f.strip()[:400]}`" for f in r["failures"]]
+    layer = results.get("layer", {}).get("geomean_vs_flinear")
+    if layer:
+        lines += ["", "## Layer benchmark (geometric mean over cases, x F.linear, same run)", "",
+                  "| provider | x F.linear |", "|---|---|"]
+        lines += [f"| {p} | {v:.2f} |" for p, v in layer.items()]
+        lines += ["", "Per case: `layer.csv`; plots: `plots/`."]
+    e2e = list(csv.DictReader((out / "e2e.csv").open())) if (out / "e2e.csv").exists() else []
+    for r in e2e:
+        for key in ("median_ms", "x_bare", "rel_diff_vs_peft"):
+            r[key] = float(r[key]) if r.get(key) not in (None, "") else math.nan
+    if e2e:
+        lines += ["", "## Denoiser step (median ms, `triton.testing.do_bench`; x bare = same mode, same run)", "",
+                  "| model | variant | eager ms | x bare | compiled ms | x bare | rel diff vs PEFT (eager) |",
+                  "|---|---|---|---|---|---|---|"]
+        for m in dict.fromkeys(r["model"] for r in e2e):
+            for v in dict.fromkeys(r["variant"] for r in e2e if r["model"] == m):
+                cells = []
+                for mode in ("eager", "compiled"):
+                    r = next((r for r in e2e if r["model"] == m and r["variant"] == v and r["mode"] == mode), {})
+                    if r.get("status") == "ok":
+                        cells += [f"{r['median_ms']:.2f}", f"{r.get('x_bare', math.nan):.2f}"]
+                    else:
+                        cells += [str(r.get("status", "-"))[:60], ""]
+                er = next((r for r in e2e if r["model"] == m and r["variant"] == v and r["mode"] == "eager"), {})
+                diff = er.get("rel_diff_vs_peft", math.nan)
+                lines.append(f"| {m} | {v} | " + " | ".join(cells) + f" | {diff:.2e} |")
+        shapes = {r["model"]: f"{r['shape']}, {r['dtype']}" for r in e2e}
+        lines += [""] + [f"- {m}: {s}, two rank-16 LoRAs, random weights" for m, s in shapes.items()]
+        lines += ["", "Rows: `e2e.csv`; plot: `e2e.png`."]
+    lines += ["", "Logs: `logs/` (one per part), `pytest.log`; fuzz: `fuzz.csv`, `fuzz.png`.", ""]
+    path = out / "summary.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+# -------------------------------------------------------------------------------------------- main
+RUNNERS = {"pytest": part_pytest, "fuzz": part_fuzz, "layer": part_layer,
+           "e2e_sdxl": lambda out, dry, limit: part_e2e("sdxl", out, dry, limit),
+           "e2e_flux": lambda out, dry, limit: part_e2e("flux", out, dry, limit)}
+
+
+def run_part(name: str, out: Path, dry: bool, limit: float) -> dict:
+    """Run one part in this process; never raises (the failure is the result)."""
+    t0 = time.perf_counter()
+    try:
+        res = RUNNERS[name](out, dry, limit)
+    except Exception as exc:  # noqa: BLE001
+        res = {"status": "failed", "note": f"{type(exc).__name__}: {str(exc)[:300]}",
+               "failures": [traceback.format_exc()[-1500:]]}
+    res["seconds"] = time.perf_counter() - t0
+    (out / "logs").mkdir(exist_ok=True)
+    (out / "logs" / f"{name}.json").write_text(json.dumps(res, indent=1, default=str))
+    return res
+
+
+def _isolated(name: str, out: Path, dry: bool, limit: float) -> dict:
+    """The part in a child process (hard time limit; a crash or a poisoned CUDA context stays there)."""
+    cmd = [sys.executable, "-m", "benchmarks.gpu_check", "--out", str(out), "--part", name, "--limit", str(limit)]
+    if dry:
+        cmd.append("--dry-run")
+    log = out / "logs" / f"{name}.log"
+    t0 = time.perf_counter()
+    with log.open("w") as f:
+        # own session: a timeout ends the part and its children (inductor's compile workers) together
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=limit + 20)
+        except subprocess.TimeoutExpired:
+            rc = None
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+    res_path = out / "logs" / f"{name}.json"
+    if res_path.exists() and rc == 0:
+        return json.loads(res_path.read_text())
+    tail = log.read_text()[-1500:] if log.exists() else ""
+    what = f"killed after {limit + 20:.0f} s" if rc is None else f"process exited with {rc}"
+    return {"status": "timeout" if rc is None else "failed", "note": what + f"; see logs/{name}.log",
+            "failures": [tail], "seconds": time.perf_counter() - t0}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, required=True, help="folder for every result (created)")
+    p.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, in-process: proves the check runs")
+    p.add_argument("--parts", default=",".join(PARTS), help="comma-separated subset of " + ",".join(PARTS))
+    p.add_argument("--time-limit", type=float, default=TOTAL_LIMIT, help="seconds for all parts together")
+    p.add_argument("--in-process", action="store_true", help="no child process per part (default in --dry-run)")
+    p.add_argument("--part", default=None, help=argparse.SUPPRESS)  # child process: run one part
+    p.add_argument("--limit", type=float, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "logs").mkdir(exist_ok=True)
+    if args.dry_run:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton is imported: kernels through the interpreter
+    else:
+        os.environ.setdefault("LORAFUSE_AUTOTUNE", "1")
+    if args.part:
+        res = run_part(args.part, out, args.dry_run, args.limit or PART_BUDGET[args.part])
+        return 0 if res["status"] != "crashed" else 1
+    t_start = time.perf_counter()
+    import torch
+
+    if not args.dry_run and not torch.cuda.is_available():
+        print("gpu_check: no CUDA GPU; use --dry-run on a CPU", file=sys.stderr)
+        return 2
+    env = environment(args.dry_run)
+    (out / "env.json").write_text(json.dumps(env, indent=1))
+    print(f"gpu_check on {env['device']} | torch {env['torch']} triton {env['triton']} | commit {env['git_commit']}")
+    budgets = DRY_BUDGET if args.dry_run else PART_BUDGET
+    parts = [s for s in args.parts.split(",") if s]
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        print(f"gpu_check: unknown part(s) {unknown}; parts are {', '.join(PARTS)}", file=sys.stderr)
+        return 2
+    for stale in ("e2e.csv", "e2e_sdxl.csv", "e2e_flux.csv"):
+        if (out / stale).exists():
+            (out / stale).unlink()
+    results = {}
+    in_process = args.in_process or args.dry_run
+    for i, name in enumerate(parts):
+        left = args.time_limit - (time.perf_counter() - t_start)
+        # the rest of the parts keep their budgets: this part gets at most what they leave
+        later = sum(budgets[n] for n in parts[i + 1:])
+        limit = max(0.0, min(budgets[name], left - later * 0.5 if not args.dry_run else left))
+        if limit < 5:
+            results[name] = {"status": "skipped", "note": "total time limit reached", "limit": limit}
+            continue
+        print(f"[gpu_check] {name} (limit {limit:.0f} s) ...", flush=True)
+        res = run_part(name, out, args.dry_run, limit) if in_process else _isolated(name, out, args.dry_run, limit)
+        res["limit"] = limit
+        results[name] = res
+        print(f"[gpu_check] {name}: {res['status']} in {res.get('seconds', 0):.0f} s: {res.get('note', '')}",
+              flush=True)
+    e2e_rows = [r for fam in ("sdxl", "flux") if (out / f"e2e_{fam}.csv").exists()
+                for r in csv.DictReader((out / f"e2e_{fam}.csv").open())]
+    _write_csv(out / "e2e.csv", e2e_rows)
+    _plot_e2e(e2e_rows, out / "e2e.png")
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    path = write_summary(out, env, results, time.perf_counter() - t_start)
+    print(f"[gpu_check] wrote {path} ({time.perf_counter() - t_start:.0f} s)")
+    return 0 if all(r["status"] == "ok" for r in results.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
