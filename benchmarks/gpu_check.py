@@ -208,10 +208,31 @@ def fuzz_delta_stats(case, device, backend, gen):
             ("l1", abs(float(l1 - rl1)) / max(abs(float(rl1)), 1e-30))]
 
 
+def fuzz_merge(case, device, backend, gen):
+    """W_eff = W + sum_i g_i s_i B_i A_i: one layer (merge_lora_weight) and the grouped rebuild
+    (merge_flipped_weights, the layer flipped) vs the fp64 formula, in the weight's dtype."""
+    import torch
+
+    from lorafuse.kernels import PackedLoRA
+    from lorafuse.kernels.merge_weight import MergeTable, merge_flipped_weights, merge_lora_weight
+
+    _, W, _, loras = _fuzz_layer(dict(case, M=1), device, gen)
+    packed = PackedLoRA.pack(loras, dtype=torch.float32)
+    g = (0.8, -0.6)[: len(loras)]
+    gates = torch.tensor(g, device=device)
+    ref = W.double() + sum(gi * s * (B.double() @ A.double()) for (A, B, s), gi in zip(loras, g))
+    single = merge_lora_weight(W, packed, gates, backend=backend)
+    table, dst = MergeTable(1, len(loras), device), torch.empty_like(W)
+    table.set(0, W, dst, packed)
+    merge_flipped_weights(table, gates.reshape(1, -1), torch.full((1, len(loras)), math.nan, device=device),
+                          backend=backend)
+    return [("w_eff", _rel(single, ref)), ("grouped", _rel(dst, ref))]
+
+
 #: kernel name -> fn(case, device, backend, generator) -> [(what, relative error)]; case holds M, K, N,
 #: ranks (one or two LoRAs), dtype, stats. A new kernel adds one entry (and a tolerance below if needed).
 FUZZ = {"fused_lora_linear": fuzz_fused, "lora_shrink": fuzz_shrink, "lora_fixup": fuzz_fixup,
-        "lora_delta_topk_l1": fuzz_delta_stats}
+        "lora_delta_topk_l1": fuzz_delta_stats, "merge_lora_weight": fuzz_merge}
 # relative-error tolerance by activation dtype name (kernels' fp32 accumulation, operands rounded once)
 FUZZ_TOL = {"float32": 1e-4, "float16": 5e-3, "bfloat16": 3e-2}
 
