@@ -212,16 +212,17 @@ def test_speculative_equals_two_pass_through_flips(backend, dtype):
 
 
 def test_fixup_is_what_corrects_the_speculation(monkeypatch):
-    """Without the fix-up the speculative output keeps the previous gates on flipped samples."""
-    import lorafuse.fusion.kl as kl_module
+    """Without the fix-up the speculative (Triton) output keeps the previous gates on flipped samples."""
+    import lorafuse.kernels.api as api
 
     (layer, W, b), _ = layers_and_weights(seed=7)
     m = get_method("kl")
     m.prepare([layer], DEVICE)
     packed = PackedLoRA.pack([layer.subject, layer.style])
     x = inputs(layer, [SUBJ, STY], torch.Generator().manual_seed(4))
-    monkeypatch.setattr(kl_module, "lora_fixup", lambda y, *a, **k: y)
-    y = m.layer_forward(0, x, W, b, packed)
+    monkeypatch.setattr(api, "lora_fixup", lambda y, *a, **k: y)
+    y = m.layer_forward(0, x, W, b, packed, backend="triton")
+    assert m.last_decision(0).gates.tolist() == [[1.0, 0.0], [0.0, 1.0]]
     stale = formula64(x, W, b, [layer.subject, layer.style], onehot([True, True]))
     assert_close_rel(y, stale, torch.float32)  # sample 1 flipped to style but still has the subject
 
