@@ -4,7 +4,10 @@ A Triton launch is a ``run`` of a JIT kernel (``JITFunction`` on a GPU, ``Interp
 ``TRITON_INTERPRET=1``; autotuner / heuristics wrappers end in one of them). An aten op launches a
 kernel unless it only makes a view or an uninitialised allocation (``empty``, ``empty_strided``,
 ``new_empty``) or reads metadata. Ops the Triton interpreter itself dispatches while it runs a kernel
-are not counted (on a GPU they do not exist).
+are not counted (on a GPU they do not exist). Custom ops (``lorafuse::*``, any namespace but aten /
+prims) are containers: the dispatch mode sees the op, not the aten ops of its implementation (it runs
+with the mode popped), so they count as ``custom`` and their Triton launches through the launch hook;
+lorafuse's ops allocate with ``torch.empty`` only.
 
     with LaunchCounter() as c:
         fn()
@@ -43,14 +46,15 @@ def _run_classes():
 
 class LaunchCounter(TorchDispatchMode):
     """Context manager: ``triton`` kernel launches (with ``names``), ``aten`` ops that launch a kernel
-    (with ``aten_names``), ``ops`` every aten op dispatched outside Triton launches, ``launches`` =
-    triton + aten."""
+    (with ``aten_names``), ``ops`` every op dispatched outside Triton launches, ``custom`` the custom
+    ops among them, ``launches`` = triton + aten."""
 
     def __init__(self):
         super().__init__()
         self.triton = 0
         self.aten = 0
         self.ops = 0
+        self.custom: list[str] = []
         self.names: list[str] = []
         self.aten_names: list[str] = []
         self._inside = 0
@@ -64,7 +68,9 @@ class LaunchCounter(TorchDispatchMode):
         if not self._inside:
             self.ops += 1
             name = str(func.overloadpacket)
-            if not (func.is_view or name in NO_LAUNCH):
+            if func.namespace not in ("aten", "prims"):
+                self.custom.append(name)
+            elif not (func.is_view or name in NO_LAUNCH):
                 self.aten += 1
                 self.aten_names.append(name)
         return func(*args, **(kwargs or {}))

@@ -82,6 +82,7 @@ def variants(family: str):
     from .delta_stats import BLOCK_M as DELTA_BLOCK_M, BLOCK_N as DELTA_BLOCK_N, RANK_BLOCK as DELTA_RANK_BLOCK
     from .delta_stats import _delta_abs_kernel
     from .fused_lora_linear import _GEMM_TABLE, _fused_lora_linear_kernel
+    from .kl_decide import DECIDE_BLOCK_G, DECIDE_BLOCK_M, _kl_decide_kernel
     from .lora_fixup import FIXUP_BLOCK_M, FIXUP_BLOCK_N, _lora_fixup_kernel
     from .lora_stats import REDUCE_BLOCK_M, _reduce_lora_stats_kernel
     from .shrink import _SHRINK_TABLE, _lora_shrink_kernel
@@ -116,6 +117,12 @@ def variants(family: str):
                     DOT_PRECISION="ieee"),
                [(4, 3, {})],  # the launch's defaults
                (("stride_ak", "stride_br", "stride_ok"), ("row0", "K", "stride_ar", "stride_om")))
+    for forward, batch, tie_subject in itertools.product((True, False), repeat=3):
+        yield (f"kl_decide forward={forward} batch={batch} tie_subject={tie_subject}", _kl_decide_kernel,
+               dict(part_ptr="*fp32", gate_ptr="*fp32", new_ptr="*fp32", div_ptr="*fp32", delta_ptr="*fp32"),
+               dict(FORWARD=forward, BATCH=batch, TIE_SUBJECT=tie_subject, BLOCK_M=DECIDE_BLOCK_M,
+                    BLOCK_G=DECIDE_BLOCK_G),
+               [(4, 1, {})], (("stride_gl",), ("stride_pt", "stride_pm")))
     yield ("reduce_lora_stats", _reduce_lora_stats_kernel,
            dict(part_ptr="*fp32", kl_ptr="*fp32", klr_ptr="*fp32", en_ptr="*fp32"),
            dict(NUM_LORAS=2, BLOCK_M=REDUCE_BLOCK_M), [(4, 1, {})], ((), ("M",)))
