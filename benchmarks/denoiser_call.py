@@ -1,10 +1,12 @@
-"""Steady-state denoiser call of the tiny SD1.5 pipeline (48 LoRA linears, batch 2 as with CFG, 8x8
+"""Steady-state denoiser call of the tiny SD1.5 pipeline (32 LoRA linears, batch 2 as with CFG, 8x8
 latents, 1 thread): LoRA disabled vs PEFT with both adapters vs ``accelerate_fusion`` methods,
-medians of interleaved rounds (each round times every provider once, in turn).
+medians of interleaved rounds (each round times every provider once, in turn); and one patched
+layer call (the first attn1.to_q, x (2, 64, 32)): bare base linear vs PEFT vs each method.
 
     nice -n 0 python -m benchmarks.denoiser_call [--rounds 15] [--calls 20] [--methods kl]
 
-Prints ms per ``pipe.unet(...)`` call and the per-LoRA-layer extra over the LoRA-disabled call.
+Prints ms per ``pipe.unet(...)`` call with the per-LoRA-layer extra over the LoRA-disabled call, and
+us per layer call.
 """
 
 from __future__ import annotations
@@ -66,8 +68,23 @@ def main(argv: list[str] | None = None) -> int:
                 fn()
             times.setdefault(name, []).append((time.perf_counter() - t0) / args.calls * 1e3)
 
+    layer = next(m for n, m in unet.named_modules() if n.endswith("attn1.to_q"))
+    x = torch.randn(2, 64, layer.in_features)
+    base_layer = layer.get_base_layer()
+    layer_us: dict[str, list[float]] = {}
+
+    def timed_layer(name, fn, n=500):
+        with torch.no_grad():
+            fn()
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            layer_us.setdefault(name, []).append((time.perf_counter() - t0) / n * 1e6)
+
     try:
         for _ in range(args.rounds):
+            timed_layer("base linear", lambda: base_layer(x))
+            timed_layer("peft", lambda: layer(x))
             unet.disable_adapters()
             timed("lora disabled", lambda: unet(**kw))
             unet.enable_adapters()
@@ -78,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
                 handles[method] = h
                 layers = h.num_layers
                 timed(method, lambda: unet(**kw))
+                h._started = True  # as inside a denoiser call
+                timed_layer(method, lambda: layer(x))
                 h.clear_gate_log()
                 h.remove()
                 handles.pop(method)
@@ -88,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         med = statistics.median(ts)
         print(f"{name:14s} {med:7.2f} ms per denoiser call (min {min(ts):6.2f}); "
               f"extra per LoRA layer {(med - base) / layers * 1e3:6.0f} us ({layers} layers)")
+    for name, ts in layer_us.items():
+        print(f"layer call {name:14s} {statistics.median(ts):7.1f} us (min {min(ts):6.1f})")
     return 0
 
 

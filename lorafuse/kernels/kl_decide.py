@@ -281,10 +281,10 @@ _FACTORS: "weakref.WeakKeyDictionary[PackedLoRA, tuple]" = weakref.WeakKeyDictio
 
 
 def _select_factors(packed: PackedLoRA) -> tuple[torch.Tensor, ...]:
-    """(a_t (K, L r), b_big (L r, N L), one-hot rows (2, 2) by argmax, by argmin) in fp32, made once
-    per packed layer: a_t holds each LoRA's A_i^T in a block of width r = max rank, b_big the
-    (s_i B_i)^T blocks arranged so that ``(x a_t) b_big`` viewed (M, N, L) is d[m, j, i] = d_i,mj
-    (zero blocks elsewhere)."""
+    """(a_t (K, L r), b_big (L r, N L), b_t (L r, N), one-hot rows (2, 2) by argmax, by argmin) in
+    fp32, made once per packed layer: a_t holds each LoRA's A_i^T in a block of width r = max rank,
+    b_t the (s_i B_i)^T blocks, b_big the same blocks arranged so that ``(x a_t) b_big`` viewed
+    (M, N, L) is d[m, j, i] = d_i,mj (zero blocks elsewhere)."""
     got = _FACTORS.get(packed)
     if got is not None:
         return got
@@ -292,11 +292,13 @@ def _select_factors(packed: PackedLoRA) -> tuple[torch.Tensor, ...]:
     N, K = packed.out_features, packed.in_features
     a_t = torch.zeros(K, L * r, dtype=torch.float32, device=packed.device)
     b_big = torch.zeros(L * r, N, L, dtype=torch.float32, device=packed.device)
+    b_t = torch.zeros(L * r, N, dtype=torch.float32, device=packed.device)
     for i, ri in enumerate(packed.ranks):
         a_t[:, i * r : i * r + ri] = packed.a[i * R : i * R + ri].t()
-        b_big[i * r : i * r + ri, :, i] = packed.b[:, i * R : i * R + ri].t()
+        b_t[i * r : i * r + ri] = packed.b[:, i * R : i * R + ri].t()
+        b_big[i * r : i * r + ri, :, i] = b_t[i * r : i * r + ri]
     eye = torch.eye(2, dtype=torch.float32, device=packed.device)
-    got = _FACTORS[packed] = (a_t, b_big.reshape(L * r, N * L), eye, eye.flip(1).contiguous())
+    got = _FACTORS[packed] = (a_t, b_big.reshape(L * r, N * L), b_t, eye, eye.flip(1).contiguous())
     return got
 
 
@@ -305,7 +307,7 @@ def kl_select_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     """The compact fp32 torch path of :func:`kl_select` (module docstring): x (..., K) with
     num_samples * R rows -> (y (..., N) in x's dtype, gates (G, 2), D (G, 2)), all new tensors.
     About twenty aten ops, none of them per LoRA; nothing depends on earlier calls."""
-    a_t, b_big, by_max, by_min = _select_factors(packed)
+    a_t, b_big, b_t, by_max, by_min = _select_factors(packed)
     lead, K, N = x.shape[:-1], x.shape[-1], weight.shape[0]
     x2 = x.reshape(-1, K)
     M = x2.shape[0]
@@ -314,7 +316,8 @@ def kl_select_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         x2, weight = x2.float(), weight.float()
         bias = bias.float() if bias is not None else None
     f0 = torch.addmm(bias, x2, weight.t()) if bias is not None else torch.mm(x2, weight.t())
-    d = torch.mm(torch.mm(x2, a_t), b_big)  # (M, N * L): d[m, j * L + i] = d_i,mj
+    u = torch.mm(x2, a_t)  # (M, L r)
+    d = torch.mm(u, b_big)  # (M, N * L): d[m, j * L + i] = d_i,mj
     d3 = d.view(M, N, L)
     if forward:  # k_i = log1p(E_p0[expm1(d_i - mu_i)]), mu_i = E_p0[d_i]
         p0 = torch.softmax(f0, dim=-1).unsqueeze(1)  # (M, 1, N)
@@ -328,8 +331,10 @@ def kl_select_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     D = k.mean(dim=0) if batch else k.view(G, M // G, L).mean(dim=1)  # (G, L)
     # one-hot of the winner; torch's argmax / argmin return the first index among equal values
     gates = by_max.index_select(0, D.argmax(dim=1)) if tie_subject else by_min.index_select(0, D.argmin(dim=1))
-    y = torch.baddbmm(f0.view(G, -1, 1), d.view(G, -1, L), gates.view(G, L, 1))  # f0 + sum_i g_i d_i
-    y = y.view(*lead, N)
+    # y = f0 + sum_i g_i d_i as f0 + (U gated per sample and LoRA) b_t: one addmm (a batched GEMV
+    # over d is slower on CPUs)
+    ug = u.view(G, M // G, L, -1) * gates.view(G, 1, L, 1)
+    y = torch.addmm(f0, ug.view(M, -1), b_t).view(*lead, N)
     if y.dtype != x.dtype:
         y = y.to(x.dtype)
     if batch:
