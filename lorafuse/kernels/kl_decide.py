@@ -24,7 +24,7 @@ side no-op when nothing flipped). Torch path (:func:`kl_select_torch`, the CPU d
 speculation, a compact fp32 sequence of about twenty aten ops whose decision does not depend on
 ``state``::
 
-    f0 = x W^T + b (M, N);  d = U Bbig, U = x a^T  ->  d (M, N, L) with d[m, j, i] = d_i,mj
+    f0 = x W^T + b (M, N);  U = x a^T;  d = U b_diag viewed (M, L, N): d[m, i] = d_i,m
     forward:  mu = E_p0[d_i],  k_i = log1p(E_p0[expm1(d_i - mu)]) = log E_p0[e^{d_i}] - E_p0[d_i]
     reverse:  nu = E_pi[d_i],  k_i = log1p(E_pi[expm1(nu - d_i)]) = E_pi[d_i] - log E_p0[e^{d_i}]
     p0 = softmax(f0),  p_i = softmax(f0 + d_i) over N;  D as above;  g = onehot(argmax D) (ties by
@@ -281,24 +281,24 @@ _FACTORS: "weakref.WeakKeyDictionary[PackedLoRA, tuple]" = weakref.WeakKeyDictio
 
 
 def _select_factors(packed: PackedLoRA) -> tuple[torch.Tensor, ...]:
-    """(a_t (K, L r), b_big (L r, N L), b_t (L r, N), one-hot rows (2, 2) by argmax, by argmin) in
-    fp32, made once per packed layer: a_t holds each LoRA's A_i^T in a block of width r = max rank,
-    b_t the (s_i B_i)^T blocks, b_big the same blocks arranged so that ``(x a_t) b_big`` viewed
-    (M, N, L) is d[m, j, i] = d_i,mj (zero blocks elsewhere)."""
+    """(a_t (K, L r), b_diag (L r, L N), b_t (L r, N), one-hot rows (2, 2) by argmax, by argmin) in
+    fp32, made once per packed layer: a_t holds each LoRA's A_i^T in a block of width r = max rank
+    (zero-padded), b_t the (s_i B_i)^T blocks, b_diag the same blocks on the block diagonal, so that
+    ``(x a_t) b_diag`` viewed (M, L, N) is d[m, i, :] = d_i,m."""
     got = _FACTORS.get(packed)
     if got is not None:
         return got
     L, R, r = packed.num_loras, packed.rank_block, max(packed.ranks)
     N, K = packed.out_features, packed.in_features
     a_t = torch.zeros(K, L * r, dtype=torch.float32, device=packed.device)
-    b_big = torch.zeros(L * r, N, L, dtype=torch.float32, device=packed.device)
     b_t = torch.zeros(L * r, N, dtype=torch.float32, device=packed.device)
+    b_diag = torch.zeros(L * r, L * N, dtype=torch.float32, device=packed.device)
     for i, ri in enumerate(packed.ranks):
         a_t[:, i * r : i * r + ri] = packed.a[i * R : i * R + ri].t()
         b_t[i * r : i * r + ri] = packed.b[:, i * R : i * R + ri].t()
-        b_big[i * r : i * r + ri, :, i] = b_t[i * r : i * r + ri]
+        b_diag[i * r : (i + 1) * r, i * N : (i + 1) * N] = b_t[i * r : (i + 1) * r]
     eye = torch.eye(2, dtype=torch.float32, device=packed.device)
-    got = _FACTORS[packed] = (a_t, b_big.reshape(L * r, N * L), b_t, eye, eye.flip(1).contiguous())
+    got = _FACTORS[packed] = (a_t, b_diag, b_t, eye, eye.flip(1).contiguous())
     return got
 
 
@@ -306,8 +306,9 @@ def kl_select_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
                     num_samples: int, forward: bool, batch: bool, tie_subject: bool):
     """The compact fp32 torch path of :func:`kl_select` (module docstring): x (..., K) with
     num_samples * R rows -> (y (..., N) in x's dtype, gates (G, 2), D (G, 2)), all new tensors.
-    About twenty aten ops, none of them per LoRA; nothing depends on earlier calls."""
-    a_t, b_big, b_t, by_max, by_min = _select_factors(packed)
+    About twenty aten ops, none of them per LoRA; nothing depends on earlier calls. Zero LoRAs have
+    k = 0 exactly (expm1(0) = 0), so they tie exactly."""
+    a_t, b_diag, b_t, by_max, by_min = _select_factors(packed)
     lead, K, N = x.shape[:-1], x.shape[-1], weight.shape[0]
     x2 = x.reshape(-1, K)
     M = x2.shape[0]
@@ -317,18 +318,17 @@ def kl_select_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         bias = bias.float() if bias is not None else None
     f0 = torch.addmm(bias, x2, weight.t()) if bias is not None else torch.mm(x2, weight.t())
     u = torch.mm(x2, a_t)  # (M, L r)
-    d = torch.mm(u, b_big)  # (M, N * L): d[m, j * L + i] = d_i,mj
-    d3 = d.view(M, N, L)
+    d = torch.mm(u, b_diag).view(M, L, N)  # d[m, i] = d_i,m
     if forward:  # k_i = log1p(E_p0[expm1(d_i - mu_i)]), mu_i = E_p0[d_i]
-        p0 = torch.softmax(f0, dim=-1).unsqueeze(1)  # (M, 1, N)
-        mu = torch.bmm(p0, d3)  # (M, 1, L)
-        k = torch.log1p(torch.bmm(p0, torch.expm1(d3 - mu)))  # (M, 1, L)
+        p0 = torch.softmax(f0, dim=-1).unsqueeze(-1)  # (M, N, 1)
+        mu = torch.bmm(d, p0)  # (M, L, 1)
+        k = torch.log1p(torch.bmm(torch.expm1(d - mu), p0))  # (M, L, 1)
     else:  # k_i = log1p(E_pi[expm1(nu_i - d_i)]), nu_i = E_pi[d_i]
-        p = torch.softmax(d3 + f0.unsqueeze(-1), dim=1)  # (M, N, L): p_i = softmax(f0 + d_i)
-        nu = (p * d3).sum(dim=1, keepdim=True)
-        k = torch.log1p((p * torch.expm1(nu - d3)).sum(dim=1, keepdim=True))
+        p = torch.softmax(d + f0.unsqueeze(1), dim=-1)  # (M, L, N): p_i = softmax(f0 + d_i)
+        nu = (p * d).sum(dim=-1, keepdim=True)
+        k = torch.log1p((p * torch.expm1(nu - d)).sum(dim=-1, keepdim=True))
     G = 1 if batch else num_samples
-    D = k.mean(dim=0) if batch else k.view(G, M // G, L).mean(dim=1)  # (G, L)
+    D = k.view(1, M, L).mean(dim=1) if batch else k.view(G, M // G, L).mean(dim=1)  # (G, L)
     # one-hot of the winner; torch's argmax / argmin return the first index among equal values
     gates = by_max.index_select(0, D.argmax(dim=1)) if tie_subject else by_min.index_select(0, D.argmin(dim=1))
     # y = f0 + sum_i g_i d_i as f0 + (U gated per sample and LoRA) b_t: one addmm (a batched GEMV
