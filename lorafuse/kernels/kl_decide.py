@@ -342,6 +342,15 @@ def kl_select_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     return y, gates, D
 
 
+def _plain_call(x, weight, bias, packed: PackedLoRA) -> bool:
+    """True when the compact torch path applies as is (Python checks only: no aten op)."""
+    N, K = packed.out_features, packed.in_features
+    return (isinstance(weight, torch.Tensor) and weight.shape == (N, K) and x.shape[-1] == K and x.numel() > 0
+            and weight.dtype == x.dtype == packed.dtype and weight.device == x.device == packed.device
+            and (bias is None or (isinstance(bias, torch.Tensor) and bias.shape == (N,) and bias.dtype == x.dtype
+                                  and bias.device == x.device)))
+
+
 def kl_select(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -386,11 +395,7 @@ def kl_select(
                                   reduction=reduction, tie=tie, backend="triton")
         lora_fixup(out.y, out.u, packed, delta, out.rows_per_sample, backend="triton")
         return out.y, new, D
-    N = packed.out_features
-    if not (isinstance(weight, torch.Tensor) and weight.shape == (N, packed.in_features) and x.shape[-1] == weight.shape[1]
-            and weight.dtype == x.dtype == packed.dtype and weight.device == x.device == packed.device
-            and (bias is None or (isinstance(bias, torch.Tensor) and bias.shape == (N,) and bias.dtype == x.dtype))
-            and x.numel() > 0):
+    if not _plain_call(x, weight, bias, packed):
         from .api import fused_lora_linear  # the full checks and their errors; empty inputs
 
         y = fused_lora_linear(x, weight, bias, packed, gates=state if x.dim() >= 2 else state[0], backend="torch")

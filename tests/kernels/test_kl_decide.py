@@ -234,3 +234,17 @@ def test_kl_decide_kernel_compiles_for_sm80_and_sm90():
     ok = [line for line in proc.stdout.splitlines() if line.startswith("ok   sm_")]
     assert "0 failed" in proc.stdout and len(ok) == 16, proc.stdout
     assert all("STACK:0" in line for line in ok if "STACK:" in line), proc.stdout
+
+
+def test_kl_select_bad_calls_raise_clear_errors():
+    x, W, b, loras = make_case(2, 3, seed=9)
+    packed = PackedLoRA.pack(loras)
+    state = torch.tensor([[1.0, 0.0]] * 2)
+    with pytest.raises(ValueError, match=r"kl_select: state must be contiguous fp32 \(2, 2\) for x of shape"):
+        kl_select(x, W, b, packed, state[:1])
+    with pytest.raises(ValueError, match="kl_select: packed must be a PackedLoRA of two LoRAs"):
+        kl_select(x, W, b, PackedLoRA.pack(loras + loras[:1]), state)
+    with pytest.raises(ValueError, match="kl_select: tie must be one of"):
+        kl_select(x, W, b, packed, state, tie="coin")
+    with pytest.raises(ValueError, match=r"x has 24 input features \(last dim\) but weight is"):
+        kl_select(x, W[:, :20], b, packed, state, backend="torch")
