@@ -92,5 +92,7 @@ def test_overhead_probe_and_free_gate_log():
 
     counts = layer_op_counts()
     assert counts["peft"] > 0 and counts["kl log=True"] > 0
+    # kl's layer call (torch path, gate log on: its decisions are fresh tensors, kept without a copy)
+    assert counts["kl log=True"] == counts["kl log=False"] <= counts["peft"], counts
     for method in ("klora", "est", "merge"):
         assert counts[f"{method} log=True"] == counts[f"{method} log=False"], counts

@@ -14,6 +14,7 @@ Life cycle, driven by an integration (diffusers) or by hand:
    :class:`~lorafuse.kernels.PackedLoRA` of (subject, style) with the *current* scales folded in.
 4. ``method.last_decision(l)`` -> :class:`Decision` for logging (device tensors; the caller decides
    when to copy them to the host).
+5. ``method.reset()`` when a new sampling run starts (before its first ``begin_step``).
 
 Methods whose gates do not depend on the layer's input (K-LoRA, EST, merge) also answer
 ``method.layer_gates(l)`` (the gates of this call, and a host key of them when the host knows them):
@@ -61,11 +62,14 @@ class Progress:
 @dataclass
 class Decision:
     """The last gates a layer applied: ``gates`` (G, 2) fp32 (G = 1 for per-layer methods, batch for
-    per-sample ones), ``tau`` as used, and method statistics (name -> tensor or float)."""
+    per-sample ones), ``tau`` as used, and method statistics (name -> tensor or float). ``fresh``:
+    the tensors were made for this decision and nothing updates them later, so a log may keep them
+    without copying (False: they may be views of live state)."""
 
     gates: torch.Tensor
     tau: float | torch.Tensor | None = None
     stats: dict = field(default_factory=dict)
+    fresh: bool = False
 
 
 class FusionMethod(abc.ABC):
@@ -99,6 +103,10 @@ class FusionMethod(abc.ABC):
     @abc.abstractmethod
     def last_decision(self, layer: int) -> Decision:
         """What layer ``layer`` applied on its last call."""
+
+    def reset(self) -> None:
+        """Forget per-run state (e.g. speculative gates carried from call to call): called when a new
+        sampling run starts, so identical runs give identical outputs. Default: nothing to forget."""
 
     def layer_gates(self, layer: int) -> tuple[torch.Tensor, Hashable | None] | None:
         """The gates layer ``layer`` applies on this call, for methods whose gates do not depend on

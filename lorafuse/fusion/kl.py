@@ -9,12 +9,15 @@ For a layer call with rows x_m (M = G samples x T tokens), f0 = x W^T + b and d_
     "batch":    D_i   = mean of k_i,m over all M rows                     (one decision for all)
     subject  iff  D_c > D_s, or D_c >= D_s with tie="subject" (the default: algorithms.md §3(b))
 
-The statistics come from the fused kernel's epilogue (:func:`lorafuse.kernels.reduce_lora_stats`).
+The statistics come from the fused kernel's epilogue (:func:`lorafuse.kernels.fused_lora_forward`).
 Two execution modes give the same decisions:
 
-    "speculative" (default): y = fused(x; g_old) with statistics; g_new = decide(stats) on the device;
-        y += U (g_new - g_old) B^T  (lora_fixup: a no-op on the device for unflipped samples);
-        g_old <- g_new  (a preallocated (G, 2) tensor per layer; reallocated when G changes)
+    "speculative" (default): one :func:`lorafuse.kernels.kl_select` call. Triton path, 4 launches:
+        y = fused(x; g_old) with statistics partials; g_new = kl_decide(partials) on the device
+        (written in place into g_old, a preallocated (G, 2) tensor per layer, reallocated when G
+        changes; :meth:`KLDynamic.reset` restores the initial gates); y += U (g_new - g_old) B^T
+        (lora_fixup: a no-op on the device for unflipped samples). Torch path (CPU): a compact fp32
+        sequence that decides first and needs no speculation.
     "two_pass" (reference): stats = fused(x) statistics, decide, y = fused(x; g_new)
 
 Nothing reads a device value on the host. Zero LoRAs have k = 0 exactly (ties).
@@ -24,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels import PackedLoRA, fused_lora_forward, fused_lora_linear, lora_fixup, reduce_lora_stats
+from ..kernels import PackedLoRA, fused_lora_linear, kl_select
 from ._common import check_choice, validate_layers
 from .base import Decision, FusionMethod, Progress
 
@@ -50,8 +53,9 @@ class KLDynamic(FusionMethod):
 
     def prepare(self, layers, device=None) -> None:
         self._n = len(validate_layers(layers, self.name))
-        self._prev: list[torch.Tensor | None] = [None] * self._n  # gates last applied, per layer
-        self._divs: list[torch.Tensor | None] = [None] * self._n  # (G, 2) divergences of the last call
+        self._prev: list[torch.Tensor | None] = [None] * self._n  # (G, 2) speculative gates (Triton path)
+        self._last: list[tuple | None] = [None] * self._n  # (gates, divergences) (G, 2) of the last call
+        self._init: dict = {}
         self._tau = None
 
     def begin_step(self, progress: Progress) -> None:
@@ -67,13 +71,27 @@ class KLDynamic(FusionMethod):
         subject = d[:, 0] >= d[:, 1] if self.tie == "subject" else d[:, 0] > d[:, 1]
         return torch.stack((subject, ~subject), dim=1).to(torch.float32), d
 
-    def _state(self, layer: int, shape: tuple, device) -> torch.Tensor:
+    def _state(self, layer: int, G: int, device) -> torch.Tensor:
         prev = self._prev[layer]
-        if prev is None or prev.shape != shape or prev.device != device:  # host-known shape info only
-            prev = torch.zeros(shape, dtype=torch.float32, device=device)
-            prev[..., 0 if self.tie == "subject" else 1] = 1.0
+        if prev is None or prev.shape[0] != G or prev.device != device:  # host-known shape info only
+            prev = self._initial(device).expand(G, 2).clone()
             self._prev[layer] = prev
         return prev
+
+    def _initial(self, device) -> torch.Tensor:
+        """(1, 2) the speculative gates a layer starts from: the tie rule's LoRA."""
+        init = self._init.get(device)
+        if init is None:
+            init = self._init[device] = torch.tensor([[1.0, 0.0] if self.tie == "subject" else [0.0, 1.0]],
+                                                     device=device)
+        return init
+
+    def reset(self) -> None:
+        """Every layer's speculative gates back to the initial ones, in place (no host sync): the
+        next run starts from the same state, so identical runs give bit-identical outputs."""
+        for prev in self._prev:
+            if prev is not None:
+                prev.copy_(self._initial(prev.device).expand_as(prev))
 
     def layer_forward(self, layer, x, weight, bias, packed: PackedLoRA, *, backend: str = "auto"):
         if not 0 <= layer < self._n:
@@ -86,21 +104,17 @@ class KLDynamic(FusionMethod):
         if self.mode == "two_pass":
             _, st = fused_lora_linear(x, weight, bias, packed, stats=True, backend=backend)
             g, d = self.decide(st, G, rows)
-            self._prev[layer], self._divs[layer] = g.reshape(shape), d
+            self._last[layer] = (g, d)
             return fused_lora_linear(x, weight, bias, packed, gates=g.reshape(shape), backend=backend)
-        prev = self._state(layer, shape, x.device)
-        out = fused_lora_forward(x, weight, bias, packed, gates=prev, stats=True, backend=backend)
-        st = reduce_lora_stats(out.partials, packed.num_loras, backend="triton" if out.partials.is_cuda else "torch")
-        g, d = self.decide(st, G, out.rows_per_sample)
-        lora_fixup(out.y, out.u, packed, g.reshape(shape) - prev, out.rows_per_sample, backend=backend)
-        prev.copy_(g.reshape(shape))
-        self._divs[layer] = d
-        return out.y
+        y, g, d = kl_select(x, weight, bias, packed, self._state(layer, G, x.device), direction=self.direction,
+                            reduction=self.reduction, tie=self.tie, backend=backend)
+        self._last[layer] = (g, d)
+        return y
 
     def last_decision(self, layer: int) -> Decision:
         """Gates (G, 2) of the layer's last call and ``stats["kl"]``: the (G, 2) divergences D_i.
-        Tensors are live state (the speculative gates are updated in place on the next call)."""
-        g = self._prev[layer]
-        if g is None:
+        The tensors are new for each call and never updated later (``fresh``: a log may keep them)."""
+        last = self._last[layer]
+        if last is None:
             return Decision(torch.zeros(1, 2), self._tau, {})
-        return Decision(g.reshape(-1, 2), self._tau, {"kl": self._divs[layer]})
+        return Decision(last[0], self._tau, {"kl": last[1]}, fresh=True)

@@ -527,6 +527,7 @@ class FusionHandle:
             if marker is not h._run_marker:  # set_timesteps() ran: a new sampling run
                 h._run_marker = marker
                 h._run_step = 0
+                h.method.reset()
             num_steps = getattr(sched, "num_inference_steps", None) if sched is not None else None
             h.method.begin_step(Progress(tau=tau, step=h._run_step, num_steps=num_steps, timestep=ts))
             if h._merged is not None and not h._host_gates:  # rebuild the layers whose gates flipped
@@ -904,8 +905,12 @@ class FusionHandle:
 
 
 def _clone_decision(d):
-    """A Decision whose tensors are detached copies (the method's are views of live state)."""
+    """A Decision whose tensors are detached copies (the method's may be views of live state), or
+    the method's own when it says they are ``fresh`` (new per call, never updated)."""
     from ..fusion.base import Decision
+
+    if getattr(d, "fresh", False) and isinstance(d.gates, torch.Tensor) and not d.gates.requires_grad:
+        return d
 
     def copy(v):
         return v.detach().clone() if isinstance(v, torch.Tensor) else v

@@ -153,6 +153,17 @@ def _delta_variants(family: str):
                (("stride_ak", "stride_br", "stride_ok"), ("row0", "K", "stride_ar", "stride_om")))
 
 
+def _kl_decide_variants(family: str):
+    from .kl_decide import DECIDE_BLOCK_G, DECIDE_BLOCK_M, _kl_decide_kernel
+
+    for forward, batch, tie_subject in itertools.product((True, False), repeat=3):
+        yield (f"kl_decide forward={forward} batch={batch} tie_subject={tie_subject}", _kl_decide_kernel,
+               dict(part_ptr="*fp32", gate_ptr="*fp32", new_ptr="*fp32", div_ptr="*fp32", delta_ptr="*fp32"),
+               dict(FORWARD=forward, BATCH=batch, TIE_SUBJECT=tie_subject, BLOCK_M=DECIDE_BLOCK_M,
+                    BLOCK_G=DECIDE_BLOCK_G),
+               [(4, 1, {})], (("stride_gl",), ("stride_pt", "stride_pm")))
+
+
 def _reduce_variants(family: str):
     from .lora_stats import REDUCE_BLOCK_M, _reduce_lora_stats_kernel
 
@@ -184,8 +195,8 @@ def _merge_variants(family: str):
 
 
 #: one generator per kernel file, each ``fn(family) -> variants``; a new kernel adds one entry here
-REGISTRY = [_fused_variants, _shrink_variants, _fixup_variants, _delta_variants, _reduce_variants,
-            _merge_variants]
+REGISTRY = [_fused_variants, _shrink_variants, _fixup_variants, _delta_variants, _kl_decide_variants,
+            _reduce_variants, _merge_variants]
 
 
 def variants(family: str):

@@ -212,16 +212,17 @@ def test_speculative_equals_two_pass_through_flips(backend, dtype):
 
 
 def test_fixup_is_what_corrects_the_speculation(monkeypatch):
-    """Without the fix-up the speculative output keeps the previous gates on flipped samples."""
-    import lorafuse.fusion.kl as kl_module
+    """Without the fix-up the speculative (Triton) output keeps the previous gates on flipped samples."""
+    import lorafuse.kernels.api as api
 
     (layer, W, b), _ = layers_and_weights(seed=7)
     m = get_method("kl")
     m.prepare([layer], DEVICE)
     packed = PackedLoRA.pack([layer.subject, layer.style])
     x = inputs(layer, [SUBJ, STY], torch.Generator().manual_seed(4))
-    monkeypatch.setattr(kl_module, "lora_fixup", lambda y, *a, **k: y)
-    y = m.layer_forward(0, x, W, b, packed)
+    monkeypatch.setattr(api, "lora_fixup", lambda y, *a, **k: y)
+    y = m.layer_forward(0, x, W, b, packed, backend="triton")
+    assert m.last_decision(0).gates.tolist() == [[1.0, 0.0], [0.0, 1.0]]
     stale = formula64(x, W, b, [layer.subject, layer.style], onehot([True, True]))
     assert_close_rel(y, stale, torch.float32)  # sample 1 flipped to style but still has the subject
 
@@ -331,3 +332,79 @@ def test_defaults_unknown_option_and_layer_index():
     m.begin_step(Progress(tau=0.25))
     d = m.last_decision(0)  # before the layer's first call: no gates applied yet
     assert d.gates.shape == (1, 2) and d.gates.abs().sum() == 0 and d.tau == 0.25 and d.stats == {}
+
+
+# ---------------------------------------------------------------- (g) launches per call, reset
+
+
+@pytest.mark.parametrize("direction,reduction,tie", [("forward", "sample", "subject"), ("reverse", "batch", "style")])
+def test_triton_path_launches_four_kernels_and_no_torch_glue(direction, reduction, tie):
+    """One speculative layer call on the Triton path: shrink, GEMM + statistics, decide, fix-up; no
+    aten op that launches a kernel (views and empty allocations only), flipped or not."""
+    from benchmarks.launches import count_launches
+
+    layer, W, b = layers_and_weights(seed=7)[0]
+    m = get_method("kl", direction=direction, reduction=reduction, tie=tie)
+    m.prepare([layer], DEVICE)
+    packed = PackedLoRA.pack([layer.subject, layer.style])
+    gen = torch.Generator().manual_seed(4)
+    m.layer_forward(0, inputs(layer, [SUBJ, STY, SUBJ], gen), W, b, packed, backend="triton")  # state allocated
+    for pattern in ([STY, STY, SUBJ], [STY, STY, SUBJ]):  # some flip, then none
+        x = inputs(layer, pattern, gen)
+        c = count_launches(lambda: (m.layer_forward(0, x, W, b, packed, backend="triton"), m.last_decision(0)))
+        assert c.names == ["_lora_shrink_kernel", "_fused_lora_linear_kernel", "_kl_decide_kernel",
+                           "_lora_fixup_kernel"], c.names
+        assert c.aten == 0, c.aten_names
+        assert c.launches <= 4
+
+
+def test_torch_path_op_budget():
+    """The torch path's aten ops per layer call (views included) stay within PEFT's own LoRA forward
+    of a layer (24 ops, benchmarks/overhead.py) for the default options, whatever G and the ranks
+    (the integration's count is asserted in tests/test_benchmark_smoke.py)."""
+    from benchmarks.launches import count_launches
+
+    for seed, pattern in ((3, [SUBJ, STY]), (5, [STY, SUBJ, SUBJ, STY])):
+        for layer, W, b in layers_and_weights(seed=seed):
+            m = get_method("kl")
+            m.prepare([layer], DEVICE)
+            packed = PackedLoRA.pack([layer.subject, layer.style])
+            x = inputs(layer, pattern, torch.Generator().manual_seed(seed))
+            m.layer_forward(0, x, W, b, packed, backend="torch")  # per-layer factors made once
+            c = count_launches(lambda: (m.layer_forward(0, x, W, b, packed, backend="torch"), m.last_decision(0)))
+            assert c.ops <= 24 and c.triton == 0, c.aten_names
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reset_restores_the_initial_speculative_state_in_place(backend, monkeypatch):
+    """reset() puts every layer's speculative gates back to the tie rule's LoRA in the same tensors,
+    reads no device value, and the calls after it equal a fresh method's bit for bit."""
+    lw = layers_and_weights(seed=7)
+    layers = [layer for layer, _, _ in lw]
+    packs = [PackedLoRA.pack([layer.subject, layer.style]) for layer in layers]
+    gen = torch.Generator().manual_seed(4)
+    xs = [[inputs(layer, p, gen) for layer, _, _ in lw] for p in ([STY, STY, SUBJ], [SUBJ, STY, STY])]
+
+    def run(m):
+        return [m.layer_forward(l, x, W, b, packs[l], backend=backend) for calls in xs
+                for l, ((_, W, b), x) in enumerate(zip(lw, calls))]
+
+    m = get_method("kl")
+    m.prepare(layers, DEVICE)
+    first = run(m)
+    states = [t for t in m._prev if t is not None]
+    if backend == "triton":
+        assert len(states) == 2 and any(s[:, 1].any() for s in states)  # the state moved off the initial gates
+    with monkeypatch.context() as mp:
+        for attr in ("item", "__bool__", "__float__", "__int__", "tolist"):
+            mp.setattr(torch.Tensor, attr, lambda *a, _n=attr, **k: pytest.fail(f"host read: Tensor.{_n}"))
+        with _Ops():
+            m.reset()
+    assert [t for t in m._prev if t is not None] == states  # same tensors (in place)
+    for s in states:
+        assert s.tolist() == [[1.0, 0.0]] * 3
+    again = run(m)
+    fresh = get_method("kl")
+    fresh.prepare(layers, DEVICE)
+    assert all(torch.equal(a, b) for a, b in zip(again, run(fresh)))
+    assert all(torch.equal(a, b) for a, b in zip(again, first))

@@ -178,6 +178,35 @@ def test_triton_interpreter_backend_smallest_pipeline(name):
     assert close(out, ref, atol=1e-4), (out - ref).abs().max()
 
 
+def test_kl_identical_calls_give_bit_identical_images(tmp_path):
+    """Two identical pipeline calls with kl (the demo's LoRAs, whose decisions differ by sample and
+    layer) give the same latents bit for bit, and the handle resets the method's per-run state once
+    per pipeline call (before its first denoiser call), not per denoiser call. The Triton path, whose
+    speculative gates carry over from call to call, is checked bit for bit after reset() in
+    tests/fusion/test_kl.py."""
+    from lorafuse.demo import write_loras
+    from lorafuse.integrations.tiny import sd15_pipeline as demo_sd15
+
+    pipe = demo_sd15("tiny")
+    subject, style = write_loras(pipe, tmp_path)
+    pipe.load_lora_weights(str(subject), adapter_name="subject")
+    pipe.load_lora_weights(str(style), adapter_name="style")
+    h = accelerate_fusion(pipe, "subject", "style", "kl", backend="torch")
+    events = []
+    reset, begin = h.method.reset, h.method.begin_step
+    h.method.reset = lambda: (events.append("reset"), reset())[1]
+    h.method.begin_step = lambda p: (events.append("step"), begin(p))[1]
+    first = run(pipe, "sd15", steps=2)
+    log = list(h.gate_log)
+    assert any(0.0 in e["subject"] for e in log) and any(1.0 in e["subject"] for e in log)
+    second = run(pipe, "sd15", steps=2)
+    log2 = h.gate_log[len(log):]
+    h.remove()
+    assert torch.equal(first, second), (first - second).abs().max()
+    assert events == ["reset", "step", "step"] * 2
+    assert [e["subject"] for e in log2] == [e["subject"] for e in log]
+
+
 # ------------------------------------------------------------------------------------------------
 # LoRA files: diffusers and kohya safetensors
 # ------------------------------------------------------------------------------------------------
