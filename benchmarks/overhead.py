@@ -29,10 +29,11 @@ def layer_op_counts() -> dict[str, int]:
     from pathlib import Path
 
     from lorafuse import accelerate_fusion
-    from lorafuse.demo import _quiet_libraries, write_loras
+    from lorafuse.commands._common import quiet_libraries
+    from lorafuse.commands.demo import write_loras
     from lorafuse.integrations.tiny import sd15_pipeline
 
-    _quiet_libraries()
+    quiet_libraries()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pipe = sd15_pipeline("tiny")

@@ -18,7 +18,7 @@ pytest.importorskip("peft")
 from safetensors.torch import save_file  # noqa: E402
 
 from lorafuse.cli import main as cli_main  # noqa: E402
-from lorafuse.demo import write_loras  # noqa: E402
+from lorafuse.commands.demo import write_loras  # noqa: E402
 from lorafuse.integrations.tiny import sd15_pipeline  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
