@@ -1,5 +1,5 @@
 """Per-layer forward benchmark of one patched linear: every provider of :mod:`benchmarks.providers` on
-the shapes of DESIGN.md, timed in one process so every ratio compares numbers of the same run.
+the SDXL and FLUX shapes below, timed in one process so every ratio compares numbers of the same run.
 
     python -m benchmarks.run [--device cuda|cpu] [--quick] [--plot] [--csv PATH]
     lorafuse bench [same options]
@@ -47,7 +47,7 @@ from . import providers as P
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
 
-# (name, M, K, N) from DESIGN.md: SDXL 1024^2 with CFG, FLUX 1024^2
+# (name, M, K, N): SDXL 1024^2 with CFG, FLUX 1024^2
 SHAPES = [
     ("sdxl_64px", 8192, 640, 640),
     ("sdxl_32px", 2048, 1280, 1280),
@@ -493,7 +493,7 @@ def run(args: argparse.Namespace) -> int:
     print("measured peaks: copy {:.1f} GB/s; GEMM {}".format(peaks["bytes_per_s"] / 1e9, ", ".join(
         f"{_dtype_name(d)} {v / 1e12:.2f} TFLOP/s" for d, v in peaks.items() if d != "bytes_per_s")))
     if device.type == "cpu" and not args.shapes:
-        print("CPU: DESIGN.md shapes run with M scaled down (noted per case); the issue case 2048x1280x1280 is unscaled.")
+        print("CPU: the SDXL/FLUX shapes run with M scaled down (noted per case); the issue case 2048x1280x1280 is unscaled.")
     all_rows = []
     for label, case, note in cases:
         rows = run_case(label, case, device, args, peaks, args.backend)
