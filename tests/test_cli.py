@@ -189,3 +189,14 @@ def test_inspect_checks_layers_against_a_model_folder(model_dir, capsys):
     assert json.loads(capsys.readouterr().out)["files"][0]["family"] == "sd"
     assert cli_main(["inspect", str(loras / "elsewhere.safetensors"), "--model", str(model_dir / "model")]) == 2
     assert "targets none of the model's layers" in capsys.readouterr().err
+
+
+def test_load_pipeline_uses_the_current_dtype_keyword(model_dir):
+    """diffusers deprecated ``torch_dtype`` (a FutureWarning on every `inspect --model` / `generate`)."""
+    from lorafuse.commands.generate import load_pipeline
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")  # not ours
+        pipe = load_pipeline(str(model_dir / "model"), "cpu", torch.float32)
+    assert pipe.unet.dtype == torch.float32
