@@ -364,7 +364,8 @@ def print_report(report: dict, out: Path) -> None:
     if report["timing_disturbed"]:
         used = (f"other processes used {100 * other:.0f}% of the CPU" if other is not None else
                 f"the load average was {report['load_average'][0]}")
-        print(f"WARNING: {used} while timing: the times and ratios above are disturbed; rerun on an idle machine")
+        print(f"WARNING: {used} while timing: the times and ratios above are disturbed; rerun on an idle machine "
+              "(on shared cores OMP_NUM_THREADS=1 keeps torch's threads from waiting for each other)")
     if report["device"].startswith("cpu"):
         print(CPU_NOTE)
     print("references: merge vs PEFT eager with both adapters; klora/est/kl vs PEFT replaying the logged gates. "
