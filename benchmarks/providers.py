@@ -37,16 +37,8 @@ import torch.nn.functional as F
 
 from lorafuse.kernels import PackedLoRA, fused_lora_linear
 
-PROVIDERS = (
-    "F.linear",
-    "peft_eager",
-    "torch_seq",
-    "klora_official",
-    "lorafuse_static",
-    "lorafuse_kl",
-    "merged_scratch",
-    "merged_flip",
-)
+from .options import PROVIDERS  # the names, kept torch-free for `lorafuse bench --help`
+
 MERGED = ("F.linear", "merged_scratch")  # providers whose per-call work is the base linear only
 
 

@@ -1,5 +1,5 @@
 """Per-layer forward benchmark of one patched linear: every provider of :mod:`benchmarks.providers` on
-the shapes of DESIGN.md, timed in one process so every ratio compares numbers of the same run.
+the SDXL and FLUX shapes below, timed in one process so every ratio compares numbers of the same run.
 
     python -m benchmarks.run [--device cuda|cpu] [--quick] [--plot] [--csv PATH]
     lorafuse bench [same options]
@@ -19,7 +19,9 @@ What is measured, per case (shape, rank, dtype, gates) and provider:
 - rel err: ||y - ref|| / ||ref|| against an upcast reference (fp64 on CPU, fp32 on GPU), so a wrong
   provider cannot be timed silently.
 
-Rows are appended to ``benchmarks/results/results.csv``; ``--plot`` writes one PNG per shape.
+Rows are appended to ``./lorafuse-bench/results.csv`` under the current directory (``--csv PATH``
+to choose; the committed results: ``--csv benchmarks/results/results.csv``); ``--plot`` writes one PNG
+per shape to ``./lorafuse-bench/plots/`` (``--plot-dir``).
 """
 
 from __future__ import annotations
@@ -39,12 +41,13 @@ from pathlib import Path
 
 import torch
 
+from . import options
 from . import providers as P
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
 
-# (name, M, K, N) from DESIGN.md: SDXL 1024^2 with CFG, FLUX 1024^2
+# (name, M, K, N): SDXL 1024^2 with CFG, FLUX 1024^2
 SHAPES = [
     ("sdxl_64px", 8192, 640, 640),
     ("sdxl_32px", 2048, 1280, 1280),
@@ -460,31 +463,15 @@ def plot(all_rows: list[dict], out_dir: Path, device_tag: str) -> list[Path]:
 
 
 # -------------------------------------------------------------------------------------------- main
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when available")
-    p.add_argument("--quick", action="store_true", help="two shapes, ranks 8 and 64 (CPU: 8), fewer rounds")
-    p.add_argument("--plot", action="store_true", help="write PNG bar charts per shape (matplotlib)")
-    p.add_argument("--plot-dir", type=Path, default=RESULTS / "plots")
-    p.add_argument("--csv", type=Path, default=RESULTS / "results.csv", help="CSV to append rows to")
-    p.add_argument("--no-csv", action="store_true", help="print only")
-    p.add_argument("--shapes", default=None, help="comma-separated MxKxN (replaces the DESIGN.md shapes, no CPU scaling)")
-    p.add_argument("--ranks", default=None, help="comma-separated ranks (default 4,8,16,64; --quick 8,64)")
-    p.add_argument("--dtypes", default=None, help="e.g. float16,bfloat16 (default: fp16+bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--gates", default=None, help="both (linear-merge gates, default) and/or onehot (K-LoRA/EST)")
-    p.add_argument("--providers", default=None, help="comma-separated subset of: " + ",".join(P.PROVIDERS))
-    p.add_argument("--rounds", type=int, default=None, help="CPU: interleaved rounds (default 5, --quick 3, issue case x3)")
-    p.add_argument("--backend", default="auto", help="backend of the lorafuse providers (auto|triton|torch)")
-    p.add_argument("--time-limit", type=float, default=None,
-                   help="seconds: start no new case after this (the cases left are listed; plots cover what ran)")
-    p.add_argument("--probe-copy-mb", type=int, default=None, help=argparse.SUPPRESS)  # smoke test: small probes
-    p.add_argument("--probe-gemm-n", type=int, default=None, help=argparse.SUPPRESS)
-    return p
+build_parser = options.build_parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    return run(options.resolve_paths(build_parser().parse_args(argv)))
+
+
+def run(args: argparse.Namespace) -> int:
+    """The benchmark for parsed options (:func:`options.resolve_paths` applied)."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         print("benchmarks.run: --device cuda but no CUDA GPU is available", file=sys.stderr)
@@ -506,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
     print("measured peaks: copy {:.1f} GB/s; GEMM {}".format(peaks["bytes_per_s"] / 1e9, ", ".join(
         f"{_dtype_name(d)} {v / 1e12:.2f} TFLOP/s" for d, v in peaks.items() if d != "bytes_per_s")))
     if device.type == "cpu" and not args.shapes:
-        print("CPU: DESIGN.md shapes run with M scaled down (noted per case); the issue case 2048x1280x1280 is unscaled.")
+        print("CPU: the SDXL/FLUX shapes run with M scaled down (noted per case); the issue case 2048x1280x1280 is unscaled.")
     all_rows = []
     for i, (label, case, note) in enumerate(cases):
         if args.time_limit is not None and time.perf_counter() - t_start > args.time_limit:

@@ -2,7 +2,7 @@
 
     pytest benchmarks/ --benchmark-only [--benchmark-json out.json]
 
-Small shapes on CPU (fp32), DESIGN.md shapes on a GPU (fp16). Each case is one benchmark group, so
+Small shapes on CPU (fp32), the SDXL/FLUX shapes of run.py on a GPU (fp16). Each case is one benchmark group, so
 pytest-benchmark's table compares the providers of a case side by side; on a GPU every timed call
 ends with a synchronize. Output is checked against the reference once per case; nothing here
 asserts a speed. For the full sweep (CUDA events, CUDA graphs, rotating inputs, roofline, CSV) use

@@ -1,5 +1,7 @@
-"""The command line: ``lorafuse demo | generate | inspect | kernel`` through subprocess on tiny inputs,
-and the error paths in-process (``lorafuse.cli.main`` returns 2 and prints one line naming the problem)."""
+"""The command line: ``lorafuse generate | inspect | kernel`` through subprocess on tiny inputs, and the
+error paths that need a real model in-process (``lorafuse.cli.main`` returns 2 and prints one line
+naming the problem). The demo and `generate` on its pipeline: tests/test_readme.py; usage errors and
+`--help`: tests/test_cli_usage.py."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ pytest.importorskip("peft")
 from safetensors.torch import save_file  # noqa: E402
 
 from lorafuse.cli import main as cli_main  # noqa: E402
-from lorafuse.demo import write_loras  # noqa: E402
+from lorafuse.commands.demo import write_loras  # noqa: E402
 from lorafuse.integrations.tiny import sd15_pipeline  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,27 +44,6 @@ def model_dir(tmp_path_factory):
     save_file({"unet.no_such_block.to_q.lora_A.weight": torch.randn(4, 32),
                "unet.no_such_block.to_q.lora_B.weight": torch.randn(32, 4)}, str(root / "loras" / "elsewhere.safetensors"))
     return root
-
-
-def test_demo_tiny_writes_report_images_and_heatmaps(tmp_path):
-    out = tmp_path / "demo"
-    proc = lorafuse("demo", "--tiny", "--no-progress", "--out", str(out))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads((out / "report.json").read_text())
-    assert [r["method"] for r in report["methods"]] == ["merge", "klora", "est", "kl"]
-    assert report["steps"] == 3 and report["size"] == "tiny" and report["peft_eager_ms_per_step"] > 0
-    for key in ("torch", "triton", "diffusers", "peft"):
-        assert report["versions"][key]
-    for r in report["methods"]:
-        assert r["layers_fused"] == 32 and r["fallback_calls"] == 0, r
-        assert r["max_abs_diff"] < 1e-4, r  # fp32 on CPU: the fused path equals PEFT (replayed gates)
-        assert r["ms_per_step"] > 0 and r["speedup_vs_peft_eager"] > 0
-        assert 0.0 <= r["subject_share"] <= 1.0 and len(r["subject_share_by_step"]) == 3
-        assert (out / r["image"]).stat().st_size > 0 and (out / r["heatmap"]).stat().st_size > 0
-        assert r["method"] in proc.stdout
-    merge = report["methods"][0]
-    assert merge["subject_share"] == 1.0 and merge["reference"].startswith("PEFT eager")
-    assert (out / "peft_eager.png").is_file() and (out / "loras" / "subject.safetensors").is_file()
 
 
 def test_kernel_demo_tiny():
@@ -208,3 +189,14 @@ def test_inspect_checks_layers_against_a_model_folder(model_dir, capsys):
     assert json.loads(capsys.readouterr().out)["files"][0]["family"] == "sd"
     assert cli_main(["inspect", str(loras / "elsewhere.safetensors"), "--model", str(model_dir / "model")]) == 2
     assert "targets none of the model's layers" in capsys.readouterr().err
+
+
+def test_load_pipeline_uses_the_current_dtype_keyword(model_dir):
+    """diffusers deprecated ``torch_dtype`` (a FutureWarning on every `inspect --model` / `generate`)."""
+    from lorafuse.commands.generate import load_pipeline
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")  # not ours
+        pipe = load_pipeline(str(model_dir / "model"), "cpu", torch.float32)
+    assert pipe.unet.dtype == torch.float32

@@ -1,4 +1,4 @@
-"""``lorafuse inspect FILE [FILE2]``: what is in LoRA files, and what K-LoRA / EST will do with them.
+"""`lorafuse inspect FILE [FILE2]`: what is in LoRA files, and what K-LoRA / EST will do with them.
 
 One file: key format, model family, number of target layers, ranks and scales (alpha / r, 1 when
 the file has no alpha).
@@ -8,9 +8,9 @@ Two files (subject, style): per common layer the static statistics of the two se
     EST     E_c, E_s = ||dW||_F^2, gamma from L1 norms (the official balance)
 
 and the decision of each method at every step of an ``--steps`` sampler with uniform progress
-``tau_k = k / N`` (k = 0 .. N-1): a string of ``c`` (subject acts) and ``s`` (style acts), plus the
+tau_k = k / N (k = 0 .. N-1): a string of ``c`` (subject acts) and ``s`` (style acts), plus the
 first step where the decision changes. Real samplers space their timesteps slightly differently
-(``tau = 1 - t / T``), so a flip can move by a step. Default method options (K-LoRA "s*", EST "s"
+(tau = 1 - t / T), so a flip can move by a step. Default method options (K-LoRA "s*", EST "s"
 with D = 0.5); the table is computed on the host in fp64, the same rule the device gates use.
 """
 
@@ -19,15 +19,30 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from collections import Counter
 
-import torch
+from ._common import UsageError, add_command, check_positive, check_safetensors, require
+
+SUMMARY = ("format, layers, ranks and scales of LoRA files; with two files the K-LoRA/EST statistics and "
+           "flip step per layer")
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = add_command(subparsers, "inspect", SUMMARY, __doc__, main)
+    p.add_argument("files", nargs="+", metavar="FILE", help="one or two LoRA safetensors files (subject, style)")
+    p.add_argument("--steps", type=int, default=50, help="step count for the flip table (default 50)")
+    p.add_argument("--family", default=None, choices=("sd", "sdxl", "sd3", "flux"),
+                   help="model family (default: guessed from the keys)")
+    p.add_argument("--model", default=None, help="local diffusers folder: checks the layers against its denoiser "
+                   "(and gives SDXL kohya files the UNet config they need)")
+    p.add_argument("--layers", type=int, default=40, help="print at most this many layers (default 40; 0: all)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    return p
 
 
 def describe_file(path: str, family: str | None = None, unet_config: dict | None = None) -> dict:
     """Format, family, layers {path: (A, B, scale)}, rank and scale histograms of one LoRA file."""
-    from .integrations.lora_files import read_lora_file
+    from ..integrations.lora_files import read_lora_file
 
     f = read_lora_file(path, family=family, unet_config=unet_config)
     ranks = Counter(A.shape[0] for A, _, _ in f.layers.values())
@@ -38,7 +53,7 @@ def describe_file(path: str, family: str | None = None, unet_config: dict | None
 
 def pair_statistics(subject: dict, style: dict, steps: int) -> dict:
     """K-LoRA and EST statistics and decision strings for the layers both LoRAs target."""
-    from .fusion import ESTLoRA, KLoRA, LayerLoRAs
+    from ..fusion import ESTLoRA, KLoRA, LayerLoRAs
 
     names = [p for p in subject if p in style]
     if not names:
@@ -93,30 +108,36 @@ def _print_pair(stats: dict, limit: int) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    files = list(args.files)
+    files = [os.fspath(f) for f in args.files]
     if len(files) > 2:
-        print("lorafuse inspect: give one or two LoRA files (subject, then style)", file=sys.stderr)
-        return 2
-    if args.steps < 1:
-        print("lorafuse inspect: --steps must be at least 1", file=sys.stderr)
-        return 2
+        raise UsageError(f"FILE: give one or two LoRA files (subject, then style), got {len(files)}")
+    check_positive(args.steps, "--steps")
+    for i, f in enumerate(files):
+        check_safetensors(f, "FILE" if len(files) == 1 else ("subject FILE", "style FILE")[i])
+    if args.model:
+        from .generate import check_model_folder
+
+        check_model_folder(args.model)
+    require("diffusers")
     unet_config, model = None, None
     try:
         if args.model:
+            import torch
+
             from .generate import denoiser_of, load_pipeline
 
+            require("transformers")
             model = load_pipeline(args.model, "cpu", torch.float32)
             denoiser, unet_config = denoiser_of(model, args.model)
-        infos = [describe_file(os.fspath(f), args.family, unet_config) for f in files]
+        infos = [describe_file(f, args.family, unet_config) for f in files]
         if model is not None:
-            from .integrations.lora_files import check_against_model
+            from ..integrations.lora_files import check_against_model
 
             for info in infos:
                 check_against_model(info["layers"], denoiser, info["file"])
         stats = pair_statistics(infos[0]["layers"], infos[1]["layers"], args.steps) if len(infos) == 2 else None
-    except ValueError as exc:
-        print(f"lorafuse inspect: {exc}", file=sys.stderr)
-        return 2
+    except ValueError as exc:  # bad files (the message names the file and key), no common layer
+        raise UsageError(str(exc)) from None
     if args.json:
         report = {"files": [{k: v for k, v in i.items() if k != "layers"} | {
             "layers": {p: {"rank": A.shape[0], "in": A.shape[1], "out": B.shape[0], "scale": float(s)}

@@ -1,6 +1,6 @@
-"""``lorafuse kernel``: the fused kernel on one random attention-sized layer with a subject and a style
+"""`lorafuse kernel`: the fused kernel on one random attention-sized layer with a subject and a style
 LoRA. Prints, per backend, the error against an fp64 reference and the time per call, next to
-``F.linear`` alone and a PEFT-style unfused forward (one base GEMM plus two matmuls per adapter).
+F.linear alone and a PEFT-style unfused forward (one base GEMM plus two matmuls per adapter).
 
 On a CUDA machine the Triton kernels run natively; on a CPU the torch backend runs, and the Triton
 kernels run too when ``TRITON_INTERPRET=1`` is set (through the interpreter: correct but slow, so the
@@ -13,15 +13,22 @@ import argparse
 import statistics
 import time
 
-import torch
-import torch.nn.functional as F
+from ._common import add_command, resolve_device
 
-from .kernels import PackedLoRA, fused_lora_linear
-from .kernels._common import HAS_TRITON, interpreter_active
+SUMMARY = "the fused kernel on one random layer: error vs fp64 and time per backend"
 
 
-def _time(fn, device: torch.device, rounds: int) -> float:
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = add_command(subparsers, "kernel", SUMMARY, __doc__, main)
+    p.add_argument("--tiny", action="store_true", help="smallest shapes (CI)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    return p
+
+
+def _time(fn, device, rounds: int) -> float:
     """Median seconds per call over ``rounds`` timed calls after one warm-up call."""
+    import torch
+
     fn()
     times = []
     for _ in range(rounds):
@@ -35,11 +42,15 @@ def _time(fn, device: torch.device, rounds: int) -> float:
     return statistics.median(times)
 
 
-def main(args: argparse.Namespace | None = None) -> int:
-    tiny = bool(getattr(args, "tiny", False))
-    device = torch.device(getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("lorafuse kernel: --device cuda but no CUDA GPU is available")
+def main(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
+    import torch
+    import torch.nn.functional as F
+
+    from ..kernels import PackedLoRA, fused_lora_linear
+    from ..kernels._common import HAS_TRITON, interpreter_active
+
+    tiny = args.tiny
     interp = device.type == "cpu" and HAS_TRITON and interpreter_active()
     if device.type == "cuda":
         M, K, N, dtype, rounds = 8192, 640, 640, torch.float16, 50
