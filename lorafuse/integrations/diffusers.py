@@ -311,35 +311,18 @@ class FusionHandle:
         self._call_info.clear()
 
     def plot_gates(self, path, *, which: str = "subject") -> None:
-        """Write a PNG heatmap, layers (rows) x denoiser calls (columns), of the ``which`` gate
-        (per-sample gates are averaged)."""
-        try:
-            from matplotlib.figure import Figure  # no pyplot: leaves the user's backend alone
-        except ImportError as e:
-            raise ImportError("FusionHandle.plot_gates needs matplotlib (pip install matplotlib)") from e
+        """Write a PNG heatmap, layers (rows, module paths) x denoising steps (columns, from 1), of
+        the ``which`` gate: 1 = that LoRA acts, 0 = it does not (per-sample gates are averaged); see
+        :func:`lorafuse.integrations.gate_plot.plot_gate_log`."""
+        from .gate_plot import plot_gate_log
+
         if which not in ("subject", "style"):
             raise ValueError(f"plot_gates: which must be 'subject' or 'style', got {which!r}")
         log = self.gate_log
         if not log:
             raise ValueError("plot_gates: the gate log is empty (run the pipeline with log_gates=True first)")
-        layers = sorted({e["layer_index"] for e in log})
-        calls = sorted({e["call"] for e in log})
-        li = {v: i for i, v in enumerate(layers)}
-        ci = {v: i for i, v in enumerate(calls)}
-        grid = torch.full((len(layers), len(calls)), float("nan"))
-        for e in log:
-            g = e[which]
-            grid[li[e["layer_index"]], ci[e["call"]]] = sum(g) / len(g) if isinstance(g, list) else g
-        fig = Figure(figsize=(max(4, 0.25 * len(calls) + 2), max(3, 0.12 * len(layers) + 1.5)))
-        ax = fig.subplots()
-        im = ax.imshow(grid.numpy(), aspect="auto", interpolation="nearest", cmap="coolwarm", vmin=0.0,
-                       vmax=max(1.0, float(torch.nan_to_num(grid, nan=0.0).max())))
-        ax.set_xlabel("denoiser call")
-        ax.set_ylabel("layer")
-        ax.set_title(f"{getattr(self.method, 'name', 'fusion')}: {which} gate")
-        fig.colorbar(im, ax=ax)
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
+        plot_gate_log(log, path, which=which, layer_names=self.layer_names,
+                      title=f"{getattr(self.method, 'name', 'fusion')}: {which} gate")
 
     def remove(self) -> None:
         """Undo everything (instance forwards, hooks, active adapters). Idempotent; safe after
