@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     kernel.add_argument("--tiny", action="store_true", help="smallest shapes (CI)")
     kernel.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     kernel.set_defaults(func=_kernel)
+    from .commands import sweep
+    sweep.add_parser(sub)
     # options after `bench` go to benchmarks.run unparsed (see main); listed here for --help
     sub.add_parser("bench", add_help=False, help="per-layer benchmark of every provider (python -m benchmarks.run; "
                    "`lorafuse bench --help` for its options)")
