@@ -21,7 +21,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "sweep", help="evaluate fusion methods over LoRA pairs x prompts x seeds from a SPEC file (YAML/JSON); "
         "resumable, runs under torchrun / accelerate launch", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("spec", metavar="SPEC", help="YAML or JSON file (schema: README, 'lorafuse sweep')")
+    p.add_argument("spec", metavar="SPEC", nargs="?", help="YAML or JSON file (schema: README, 'lorafuse sweep')")
     p.add_argument("--out", default=None, help="output folder (default: the SPEC's output, else <SPEC stem>-sweep "
                    "beside it)")
     p.add_argument("--score-every", type=int, default=0, metavar="N",
@@ -29,6 +29,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--cpu", action="store_true", help="run on the CPU even when CUDA is available")
     p.add_argument("--check", action="store_true", help="check the SPEC and list the items; load nothing")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--write-example", metavar="DIR", default=None,
+                   help="write README's example SPEC with the LoRA files and reference images it names into DIR "
+                   "(embedded tiny pipeline, offline) and exit")
     p.set_defaults(func=main)
     return p
 
@@ -43,6 +46,15 @@ def main(args: argparse.Namespace) -> int:
     from ..sweep.items import claim_output, make_items
     from ..sweep.spec import SpecError, load_spec
 
+    if args.write_example:
+        from ..sweep.example import write_example
+
+        path = write_example(args.write_example)
+        print(f"lorafuse sweep: wrote {path} and the files it names; run it with: lorafuse sweep {path}")
+        return 0
+    if not args.spec:
+        print("lorafuse sweep: SPEC: missing (a YAML or JSON file; --write-example DIR writes one)", file=sys.stderr)
+        return 2
     try:
         spec = load_spec(args.spec)
         out = Path(args.out) if args.out else Path(spec.output)

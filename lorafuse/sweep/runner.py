@@ -156,7 +156,9 @@ class Generator:
                 if self.loaded[role] == entry.name:
                     continue
                 if self.loaded[role] is not None:
-                    self.pipe.delete_adapters(role)
+                    with warnings.catch_warnings():  # "Adapter subject was active which is now deleted": expected
+                        warnings.simplefilter("ignore", UserWarning)
+                        self.pipe.delete_adapters(role)
                     self.loaded[role] = None
                 self.pipe.load_lora_weights(entry.file, adapter_name=role)
                 self.loaded[role] = entry.name
@@ -165,7 +167,8 @@ class Generator:
         except BaseException:  # a half-loaded pair: start clean at the next item
             for role in (SUBJECT, STYLE):
                 if self.loaded[role] is not None or role in self._adapters():
-                    with contextlib.suppress(Exception):
+                    with contextlib.suppress(Exception), warnings.catch_warnings():
+                        warnings.simplefilter("ignore", UserWarning)
                         self.pipe.delete_adapters(role)
                 self.loaded[role] = None
             raise
@@ -247,6 +250,10 @@ class Generator:
                 **gate_summary(self.handle.gate_log, self.handle.num_layers),
             })
             self.handle.clear_gate_log()
+            if getattr(self.handle.method, "dynamic", False):
+                # KL's speculative mode starts each layer call from the gates it applied last, so without a
+                # fresh installation an image would depend (at rounding level) on the item generated before
+                self._remove_handle()
         except Exception as exc:  # recorded; the sweep goes on
             with contextlib.suppress(Exception):
                 self._remove_handle()

@@ -109,7 +109,7 @@ class Spec:
         for role in ("subjects", "styles"):
             out[role] = [{k: e[k] for k in ("name", "sha256", "trigger")} for e in d[role]]
         out["methods"] = [{"label": m["label"], "name": m["name"], "options": m["options"]} for m in d["methods"]]
-        return out
+        return json.loads(json.dumps(out))  # tuples as lists: comparable with a generation read back from JSON
 
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(self.generation(), sort_keys=True).encode()).hexdigest()[:16]
