@@ -220,6 +220,7 @@ class Generator:
                   "method": method.label, "method_name": method.name, "options": method.options,
                   "prompt_index": item.prompt, "prompt": prompt, "seed": item.seed, "rank": self.rank}
         t0 = time.perf_counter()
+        record["started"] = round(time.time(), 3)
         try:
             self._ensure_pair(item)
             options = self._options(item, prompt)
@@ -258,6 +259,7 @@ class Generator:
             with contextlib.suppress(Exception):
                 self._remove_handle()
             record.update({"status": "failed", "error": _error_text(exc), "seconds": round(time.perf_counter() - t0, 4)})
+        record["finished"] = round(time.time(), 3)
         append_line(self.record_file, record)
         return record
 
@@ -332,6 +334,7 @@ def run_sweep(spec: Spec, out: Path, state, *, progress: bool = True, score_ever
     if spec.scorers.get("clip") or spec.scorers.get("dino"):
         scored = scoring.scored_keys(spec, out)
         todo = [r for r in _ok_records(out, items) if r["key"] not in scored]
+        state.wait_for_everyone()  # every process has the same list before anyone appends a score
         with state.split_between_processes(todo) as my_todo:
             my_todo = list(my_todo)
         if my_todo:

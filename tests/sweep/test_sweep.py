@@ -295,3 +295,12 @@ def test_readme_example_spec_is_the_written_one_and_checks(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "OK, 40 items" in out and "dog+ink/est_D=auto/p0-s1" in out
     shutil.rmtree(tmp_path / "loras")
+
+
+def test_mean_and_95_interval_use_student_t():
+    from lorafuse.sweep.summary import mean_ci
+
+    m, h = mean_ci([1.0, 2.0, 3.0, None])  # s = 1, n = 3: t_{0.975, 2} = 4.303
+    assert m == 2.0 and h == pytest.approx(4.303 / 3 ** 0.5)
+    assert mean_ci([0.5]) == (0.5, None) and mean_ci([None]) == (None, None)
+    assert mean_ci([1.0] * 40 + [3.0] * 40)[1] == pytest.approx(1.96 * (80 / 79) ** 0.5 / 80 ** 0.5)
