@@ -45,6 +45,7 @@ def quiet_libraries() -> None:
     tlog.set_verbosity_error()
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+    warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")  # pair changes
 
 
 def load_pipeline(spec: Spec, device: torch.device, dtype: torch.dtype):

@@ -194,19 +194,24 @@ def test_a_failing_item_is_recorded_and_the_sweep_goes_on(workspace, tmp_path):
     save_file({"unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.randn(4, 48),
                "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight": torch.randn(64, 4)},
               str(tmp_path / "other.safetensors"))
-    spec = dict(SPEC, methods=["merge"], seeds=[0], scorers={})
-    spec["subjects"] = [dict(SPEC["subjects"][0], file=str(workspace / "loras/dog.safetensors"), references=None),
+    spec = dict(SPEC, methods=["merge"], seeds=[0], scorers={"dino": "lorafuse:tiny-dino"})
+    spec["subjects"] = [dict(SPEC["subjects"][0], file=str(workspace / "loras/dog.safetensors"),
+                             references=str(workspace / "refs/dog")),
                         {"name": "other", "file": str(tmp_path / "other.safetensors"), "trigger": "sks thing"}]
     spec["styles"] = [dict(SPEC["styles"][0], file=str(workspace / "loras/ink.safetensors"), reference=None)]
     (tmp_path / "spec.json").write_text(json.dumps(spec))
-    assert run_here(str(tmp_path / "spec.json"), "--out", str(tmp_path / "out")) == 1
+    assert run_here(str(tmp_path / "spec.json"), "--out", str(tmp_path / "out"), "--score-every", "1") == 1
     recs = {r["key"]: r for r in records(tmp_path / "out")}
+    scores = [json.loads(line) for line in (tmp_path / "out/scores/rank0.jsonl").read_text().splitlines()]
+    assert [s["key"] for s in scores] == ["dog+ink/merge/p0-s0"]  # scored on the fly, once
+    assert scores[0]["subject_dino"] is not None and scores[0]["style_clip"] is None
     assert recs["dog+ink/merge/p0-s0"]["status"] == "ok"
     bad = recs["other+ink/merge/p0-s0"]
     assert bad["status"] == "failed" and "Error" in bad["error"]
     md = (tmp_path / "out" / "summary.md").read_text()
     assert "Failed items (1):" in md and "other+ink/merge/p0-s0" in md
-    assert "scoring skipped: the SPEC names no scorer" in md
+    assert "style fidelity and text alignment skipped: no scorers.clip" in md
+    assert "subject fidelity skipped for other: no references folder" in md
     assert (tmp_path / "out" / "sheets" / "other+ink.png").is_file()
 
 
