@@ -115,12 +115,18 @@ class Spec:
         return hashlib.sha256(json.dumps(self.generation(), sort_keys=True).encode()).hexdigest()[:16]
 
     def scoring_id(self) -> str:
-        """Identifies what the scores depend on besides the images: scorers and reference images."""
+        """Identifies what the scores depend on besides the images: scorers and reference images
+        (hashed once per Spec object)."""
+        cached = self.__dict__.get("_scoring_id")
+        if cached is not None:
+            return cached
         refs = {"subjects": {s.name: [_file_id(p) for p in s.references] for s in self.subjects},
                 "styles": {s.name: [_file_id(p) for p in s.references] for s in self.styles},
                 "texts": [[s.name, s.text] for s in self.subjects + self.styles],
                 "clip": self.scorers.get("clip"), "dino": self.scorers.get("dino")}
-        return hashlib.sha256(json.dumps(refs, sort_keys=True).encode()).hexdigest()[:16]
+        sid = hashlib.sha256(json.dumps(refs, sort_keys=True).encode()).hexdigest()[:16]
+        object.__setattr__(self, "_scoring_id", sid)  # frozen dataclass: a cache, not state
+        return sid
 
     def uses(self, role: str) -> bool:
         """Whether any method makes the subject (role "subject") or the style LoRA act."""

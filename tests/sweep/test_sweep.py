@@ -58,7 +58,7 @@ def _env(**extra) -> dict:
 
 def torchrun(spec: Path, out: Path, **env) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "lorafuse",
-           "sweep", str(spec), "--out", str(out), "--no-progress"]
+           "sweep", str(spec), "--out", str(out), "--no-progress", "--cpu"]
     return subprocess.run(cmd, env=_env(**env), capture_output=True, text=True, timeout=400)
 
 
@@ -66,7 +66,7 @@ def run_here(*args: str) -> int:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return cli_main(["sweep", *args, "--no-progress"])
+        return cli_main(["sweep", *args, "--no-progress", "--cpu"])
     finally:
         torch.set_num_threads(threads)
 
