@@ -68,11 +68,13 @@ def write_loras_and_refs(folder: Path, names=tuple(LORAS), size: str = "tiny") -
     rng = np.random.default_rng(0)
     for name in names:
         rank, seed, scale = LORAS[name]
-        save_file(lora_state_dict(unet, "unet", rank, seed=seed, scale=scale), str(folder / "loras" / f"{name}.safetensors"))
+        sd = lora_state_dict(unet, "unet", rank, seed=seed, scale=scale)
+        save_file(sd, str(folder / "loras" / f"{name}.safetensors"))
         if name in ("dog", "cat"):
             (folder / "refs" / name).mkdir(parents=True, exist_ok=True)
             for j in range(2):
-                Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(folder / "refs" / name / f"{j}.png")
+                pixels = rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / "refs" / name / f"{j}.png")
         else:
             (folder / "refs").mkdir(parents=True, exist_ok=True)
             Image.fromarray(rng.integers(0, 255, (48, 32, 3), dtype=np.uint8)).save(folder / "refs" / f"{name}.png")

@@ -259,7 +259,8 @@ class Generator:
         except Exception as exc:  # recorded; the sweep goes on
             with contextlib.suppress(Exception):
                 self._remove_handle()
-            record.update({"status": "failed", "error": _error_text(exc), "seconds": round(time.perf_counter() - t0, 4)})
+            record.update({"status": "failed", "error": _error_text(exc),
+                           "seconds": round(time.perf_counter() - t0, 4)})
         record["finished"] = round(time.time(), 3)
         append_line(self.record_file, record)
         return record

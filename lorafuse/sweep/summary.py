@@ -98,7 +98,8 @@ def table_markdown(table: list[dict]) -> str:
 
 def table_csv(table: list[dict]) -> str:
     buf = io.StringIO()
-    fields = ["method", "items", "ok", "failed", "missing"] + [f"{c}_{k}" for c in COLUMNS for k in ("mean", "ci95", "n")]
+    fields = ["method", "items", "ok", "failed", "missing"]
+    fields += [f"{c}_{k}" for c in COLUMNS for k in ("mean", "ci95", "n")]
     w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
     w.writeheader()
     for r in table:
