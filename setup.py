@@ -15,6 +15,7 @@ setup(
         "test": ["pytest", "pytest-benchmark", "hypothesis"],
         "diffusers": ["diffusers>=0.32", "transformers", "peft>=0.14", "safetensors", "accelerate", "tqdm"],
         "plot": ["matplotlib"],
+        "sweep": ["pyyaml", "accelerate", "tqdm"],  # lorafuse sweep (with the diffusers extra; JSON SPECs need no yaml)
     },
     entry_points={"console_scripts": ["lorafuse=lorafuse.cli:main"]},
 )

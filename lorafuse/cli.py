@@ -12,7 +12,7 @@ import importlib
 import sys
 
 # modules of lorafuse.commands, in the order --help lists them; each has add_parser(subparsers), main(args)
-COMMANDS = ("demo", "generate", "inspect_lora", "kernel_demo", "bench")
+COMMANDS = ("demo", "generate", "inspect_lora", "kernel_demo", "sweep", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:
