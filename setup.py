@@ -12,7 +12,7 @@ setup(
     # pip never resolves a multi-GB CUDA build for it.
     install_requires=["torch>=2.5", "triton>=3.2", "numpy", "safetensors"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "pyyaml"],  # pyyaml: the sweep tests read YAML SPECs
         "diffusers": ["diffusers>=0.32", "transformers", "peft>=0.14", "safetensors", "accelerate", "tqdm"],
         "plot": ["matplotlib"],
         "sweep": ["pyyaml", "accelerate", "tqdm"],  # lorafuse sweep (with the diffusers extra; JSON SPECs need no yaml)
