@@ -592,26 +592,29 @@ class FusionHandle:
 
     def _fingerprint(self, rec: _Layer, m, x):
         """Everything the full check (:meth:`_check`) and the layer's packed / merged state depend on
-        that can change between calls, as a tuple compared by value (objects by id): when it equals
-        the one of the last full check, the call skips both. None (autograd enabled, an adapter
-        gone): check every call."""
+        that can change between calls, as a flat tuple compared by value (objects by id): when it
+        equals the one of the last full check, the call skips both. None (autograd enabled, an
+        adapter gone): check every call. Written for speed: it runs on every layer call."""
         if torch.is_grad_enabled():
             return None
         s, t = self.subject, self.style
+        la, lb, sc = m._modules["lora_A"]._modules, m._modules["lora_B"]._modules, m.scaling
         try:
-            la, lb = m._modules["lora_A"]._modules, m._modules["lora_B"]._modules
-            mods = (la[s], lb[s], la[t], lb[t])
-            scales = _scales_key(m, s, t)
+            a_s, b_s, a_t, b_t, c_s, c_t = la[s], lb[s], la[t], lb[t], sc[s], sc[t]
         except KeyError:
             return None
-        w = rec.base._parameters.get("weight")
+        params = rec.base._parameters
+        w = params.get("weight")
         if w is None:
             return None
+        if type(c_s) is not float or type(c_t) is not float:  # 0-d tensor scalings: by identity and version
+            c_s, c_t = _scale_key(c_s), _scale_key(c_t)
         active = m._active_adapter
         return (
             m._disable_adapters, len(m.merged_adapters), tuple(active) if type(active) is list else active,
-            m.training, x.dtype, x.device, scales, id(w), w.data_ptr(), w.dtype, id(rec.base._parameters.get("bias")),
-            tuple(id(q) for q in mods), tuple(q._parameters["weight"]._version for q in mods),
+            m.training, x.dtype, x.device, c_s, c_t, id(w), w.data_ptr(), w.dtype, id(params.get("bias")),
+            id(a_s), id(b_s), id(a_t), id(b_t), a_s._parameters["weight"]._version,
+            b_s._parameters["weight"]._version, a_t._parameters["weight"]._version, b_t._parameters["weight"]._version,
         )
 
     def _prepare_layer(self, rec: _Layer, m, x) -> None:

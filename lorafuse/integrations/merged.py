@@ -136,20 +136,27 @@ class MergedWeights:
         is read on the host (free on a CPU) and the flipped layers are rebuilt one by one."""
         if self.applied is None:
             return
-        grouped = self.table is not None and self.table.device == gates.device
-        host = [i for i, st in enumerate(self.layers) if st.valid and st.gate_key is None and not self.grouped(i)]
-        if host:
-            flipped = (gates != self.applied).any(dim=1).tolist()
-            for i in host:
-                if flipped[i]:
-                    st = self.layers[i]
-                    if self.mode == "inplace":
-                        st.dst.copy_(st.original, non_blocking=True)
-                    merge_lora_weight(st.src, st.pack, gates[i], out=st.dst, backend=self.backend)
-        if grouped:
+        if self.table is not None and self.table.device == gates.device:
+            self._host_step(gates, skip_grouped=True)
             merge_flipped_weights(self.table, gates, self.applied, backend="triton")  # also applied <- gates
-        else:
-            self.applied.copy_(gates)
+            return
+        if gates.device.type == "cpu" and torch.equal(gates, self.applied):  # nothing flipped (the usual step)
+            return
+        self._host_step(gates, skip_grouped=False)
+        self.applied.copy_(gates)
+
+    def _host_step(self, gates: torch.Tensor, skip_grouped: bool) -> None:
+        host = [i for i, st in enumerate(self.layers)
+                if st.valid and st.gate_key is None and not (skip_grouped and self.grouped(i))]
+        if not host:
+            return
+        flipped = (gates != self.applied).any(dim=1).tolist()
+        for i in host:
+            if flipped[i]:
+                st = self.layers[i]
+                if self.mode == "inplace":
+                    st.dst.copy_(st.original, non_blocking=True)
+                merge_lora_weight(st.src, st.pack, gates[i], out=st.dst, backend=self.backend)
 
     def invalidate(self, i: int) -> None:
         st = self.layers[i]
