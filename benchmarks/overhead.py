@@ -9,11 +9,12 @@ So this measures, in one run, with interleaved rounds (median, p20-p80):
    method (the static ones on merged weights, ``scratch`` and ``inplace``, and on the fused path,
    ``weights="off"``; kl on the fused path);
 2. the steady-state denoiser call (``pipe.unet(latents, t, ...)``, batch 2 as with CFG, fixed t) of
-   the tiny and the small SD1.5 pipelines: LoRA disabled vs PEFT vs each method, and the extra per
-   LoRA layer over the LoRA-disabled call, as a share of PEFT's extra;
+   the tiny and the small SD1.5 pipelines: LoRA disabled vs PEFT vs each method, as the median over
+   rounds of each round's ratio to the LoRA-disabled call timed just before it (slow drifts of a
+   shared CPU cancel), and the extra per LoRA layer, also as a share of PEFT's extra;
 3. what a flip costs: one rebuild of a merged SDXL-sized weight next to one F.linear of that layer.
 
-    python -m benchmarks.overhead [--rounds 7] [--csv benchmarks/results/overhead.csv | --no-csv]
+    python -m benchmarks.overhead [--rounds 15] [--csv benchmarks/results/overhead.csv | --no-csv]
 
 Rows go to the CSV with date, commit, machine, threads and the share of CPU other processes used.
 Targets (issue 11): static methods add at most 15% of PEFT's per-layer extra and stay within 1.02x
@@ -171,14 +172,19 @@ def denoiser_rows(size: str, rounds: int, calls: int) -> list[dict]:
     with torch.no_grad():
         times = _interleaved(setups, rounds, calls)
     off = statistics.median(times["disabled"])
-    peft_extra = statistics.median(times["peft"]) - off
+
+    def paired(c):  # per round, against the LoRA-disabled call timed right before it: drifts cancel
+        return statistics.median(t / d for t, d in zip(times[c], times["disabled"]))
+
+    peft_extra = paired("peft") - 1
     rows = []
     for c in configs:
         med, p20, p80 = _quantiles(times[c])
+        ratio = paired(c)
         rows.append(dict(section="denoiser", pipeline=f"sd15 {size} {side}x{side} batch 2 ({n_lora} LoRA layers)",
-                         config=c, ops_per_call="", us=med, p20=p20, p80=p80, ratio=med / off,
-                         extra_us=(med - off) / n_lora,
-                         extra_vs_peft=(med - off) / peft_extra if peft_extra > 0 else float("nan")))
+                         config=c, ops_per_call="", us=med, p20=p20, p80=p80, ratio=ratio,
+                         extra_us=(ratio - 1) * off / n_lora,
+                         extra_vs_peft=(ratio - 1) / peft_extra if peft_extra > 0 else float("nan")))
     return rows
 
 
@@ -214,9 +220,9 @@ FIELDS = ["date", "commit", "machine", "threads", "other_cpu", "section", "pipel
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds (median over them)")
+    parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds (median over them)")
     parser.add_argument("--layer-calls", type=int, default=2000, help="layer calls timed per config and round")
-    parser.add_argument("--denoiser-calls", type=int, default=5, help="denoiser calls timed per config and round")
+    parser.add_argument("--denoiser-calls", type=int, default=10, help="denoiser calls timed per config and round")
     parser.add_argument("--pipelines", nargs="+", default=list(PIPELINES), choices=list(PIPELINES))
     parser.add_argument("--csv", type=Path, default=RESULTS / "overhead.csv", help="append rows here")
     parser.add_argument("--no-csv", action="store_true", help="print only")
