@@ -230,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     ticks0, t0 = _cpu_ticks(), time.perf_counter()
+    machine = _device_name(torch.device("cpu"))  # names the thread count the rows ran with
     try:
         rows = layer_rows(_pipeline("tiny"), args.rounds, args.layer_calls)
         for size in args.pipelines:
@@ -239,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(threads)
     other = other_cpu_share(ticks0, _cpu_ticks(), time.perf_counter() - t0)
     meta = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), commit=_git_commit(),
-                machine=_device_name(torch.device("cpu")), threads=1, other_cpu=f"{other:.2f}")
+                machine=machine, threads=1, other_cpu=f"{other:.2f}")
     print(f"1 thread, {args.rounds} interleaved rounds, other processes used {other:.0%} of the CPU")
     print(f"{'section':9s} {'pipeline':38s} {'config':14s} {'ops':>4s} {'us/call':>9s} {'p20-p80':>17s} "
           f"{'x base':>7s} {'extra/layer':>11s} {'of PEFT':>8s}")
