@@ -41,6 +41,9 @@ from pathlib import Path
 
 import torch
 
+from lorafuse.commands._common import cpu_ticks as _cpu_ticks
+from lorafuse.commands._common import other_cpu_share as _other_cpu_share
+
 from . import options
 from . import providers as P
 
@@ -244,24 +247,11 @@ def peak_memory(fn, device: torch.device) -> int:
 
 
 # ----------------------------------------------------------------------------------------- timing
-def _cpu_ticks() -> tuple[int, int] | None:
-    """(busy ticks of the whole machine, ticks of this process) from /proc, or None elsewhere."""
-    try:
-        cpu = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        own = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
-        busy = sum(cpu[:3]) + sum(cpu[5:8])  # user nice system (idle iowait) irq softirq steal
-        return busy, int(own[11]) + int(own[12])  # utime + stime
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 def other_cpu_share(before, after, seconds: float) -> float:
-    """Fraction of the machine's CPU time that other processes used between two :func:`_cpu_ticks`."""
-    if before is None or after is None or seconds <= 0:
-        return math.nan
-    hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-    others = (after[0] - before[0]) - (after[1] - before[1])
-    return max(0.0, others / (seconds * hz * (os.cpu_count() or 1)))
+    """Fraction of the machine's CPU time that other processes used between two :func:`_cpu_ticks`
+    (NaN where /proc is missing)."""
+    share = _other_cpu_share(before, after, seconds)
+    return math.nan if share is None else share
 
 
 def _rotating(fns):

@@ -62,37 +62,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-class StepTimer:
-    """Wall time of every forward of ``module`` (pre/post hooks), CUDA synchronised."""
-
-    def __init__(self, module, device):
-        import torch
-
-        self.times: list[float] = []
-        self._sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-        self._t0 = 0.0
-        self._hooks = [module.register_forward_pre_hook(self._pre), module.register_forward_hook(self._post)]
-
-    def _pre(self, module, args):
-        self._sync()
-        self._t0 = time.perf_counter()
-
-    def _post(self, module, args, output):
-        self._sync()
-        self.times.append(time.perf_counter() - self._t0)
-
-    def steady(self) -> list[float]:
-        """Seconds per denoiser call, the run's first (warm-up) call left out when there are more."""
-        return self.times[1:] if len(self.times) > 1 else list(self.times)
-
-    def median(self) -> float:
-        return statistics.median(self.steady())
-
-    def remove(self) -> None:
-        for h in self._hooks:
-            h.remove()
-
-
 def spread(samples: list[float]) -> tuple[float, float, float]:
     """(median, p20, p80) of ``samples``."""
     if len(samples) == 1:
@@ -179,6 +148,7 @@ def run_demo(
     from .. import accelerate_fusion
     from ..integrations.gate_plot import plot_gate_log
     from ..integrations.replay import GateReplay
+    from ..integrations.step_timer import StepTimer
     from ..integrations.tiny import sd15_pipeline
 
     quiet_libraries()

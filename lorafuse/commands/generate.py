@@ -164,7 +164,8 @@ def run(args: argparse.Namespace) -> dict:
     from .. import accelerate_fusion
     from ..integrations.gate_plot import plot_gate_log
     from ..integrations.lora_files import check_against_model
-    from .demo import StepTimer, gate_summary
+    from ..integrations.step_timer import StepTimer
+    from .demo import gate_summary
 
     quiet_libraries()
     device, options, out = checked["device"], checked["options"], checked["out"]

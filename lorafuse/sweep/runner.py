@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from ..integrations.step_timer import StepTimer
 from .items import Item, append_line, finished, image_path, make_items, read_lines
 from .spec import Spec, render
 
@@ -69,33 +70,6 @@ def denoiser_of(pipe) -> torch.nn.Module:
         if isinstance(mod, torch.nn.Module):
             return mod
     raise ValueError(f"{type(pipe).__name__} has no unet or transformer to fuse LoRAs into")
-
-
-class StepTimer:
-    """Wall time of every denoiser forward (pre/post hooks, CUDA synchronised)."""
-
-    def __init__(self, module: torch.nn.Module, device: torch.device):
-        self.times: list[float] = []
-        self._sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-        self._t0 = 0.0
-        self._hooks = [module.register_forward_pre_hook(self._pre), module.register_forward_hook(self._post)]
-
-    def _pre(self, module, args):
-        self._sync()
-        self._t0 = time.perf_counter()
-
-    def _post(self, module, args, output):
-        self._sync()
-        self.times.append(time.perf_counter() - self._t0)
-
-    def per_step(self) -> float | None:
-        """Median seconds per denoiser call, the first (warm-up) call left out when there are more."""
-        times = self.times[1:] if len(self.times) > 1 else self.times
-        return statistics.median(times) if times else None
-
-    def remove(self) -> None:
-        for h in self._hooks:
-            h.remove()
 
 
 def gate_summary(log: list[dict], num_layers: int) -> dict:
@@ -241,7 +215,7 @@ class Generator:
             os.replace(tmp, path)
             fallbacks = {k: v - fallbacks_before.get(k, 0) for k, v in self.handle.fallbacks.items()
                          if v - fallbacks_before.get(k, 0)}
-            per_step = timer.per_step()
+            per_step = timer.median()
             record.update({
                 "status": "ok", "image": str(path.relative_to(self.out)),
                 "resolved_options": options if method.probe else None,

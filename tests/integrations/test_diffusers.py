@@ -184,7 +184,7 @@ def test_kl_identical_calls_give_bit_identical_images(tmp_path):
     per pipeline call (before its first denoiser call), not per denoiser call. The Triton path, whose
     speculative gates carry over from call to call, is checked bit for bit after reset() in
     tests/fusion/test_kl.py."""
-    from lorafuse.demo import write_loras
+    from lorafuse.commands.demo import write_loras
     from lorafuse.integrations.tiny import sd15_pipeline as demo_sd15
 
     pipe = demo_sd15("tiny")

@@ -4,9 +4,6 @@
 
 on the torch and Triton backends (interpreter on CPU), chunked, with ties, and with clear errors."""
 
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,6 +12,7 @@ from lorafuse.kernels import delta_stats as ds
 from lorafuse.kernels.delta_stats import lora_delta_energy, lora_delta_l1, lora_delta_topk_l1, lora_delta_topk_sum
 
 from ..conftest import DEVICE
+from .conftest import compiled
 
 BACKENDS = ["torch", "triton"]
 # relative error of the top-K / L1 sums: the torch backend works in fp64, the Triton kernel forms the
@@ -243,18 +241,11 @@ def test_triton_backend_needs_cuda_or_interpreter(monkeypatch):
 # ---------------------------------------------------------------- real-GPU compilation
 
 
-def test_delta_kernel_compiles_for_sm80_and_sm90():
+def test_delta_kernel_compiles_for_sm80_and_sm90(compile_report):
     """compile_check lists the delta kernel (every dtype, with and without the tile store) and each
     variant compiles for sm_80 and sm_90 within shared memory and without register spills."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "lorafuse.kernels.compile_check", "--arch", "80", "90", "--filter", "delta_abs"],
-        env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    ok = [line for line in proc.stdout.splitlines() if line.startswith("ok   sm_")]
-    assert "0 failed" in proc.stdout and len(ok) == 12, proc.stdout
-    assert all("STACK:0" in line for line in ok if "STACK:" in line), proc.stdout
+    ok = compiled(compile_report, "delta_abs")
+    assert len(ok) == 12 and all("STACK:0" in line for line in ok if "STACK:" in line), ok
 
 
 @pytest.mark.parametrize("case", ["random", "ramp", "reversed_ramp", "all_equal", "few_values", "zeros_and_one"])

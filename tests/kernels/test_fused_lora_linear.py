@@ -1,8 +1,5 @@
 """fused_lora_linear: Triton (interpreter on CPU) and torch paths against an fp64 formula."""
 
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -326,20 +323,14 @@ def test_triton_backend_needs_cuda_or_interpreter(monkeypatch):
 # ---------------------------------------------------------------- real-GPU compilation and GPU-only checks
 
 
-def test_kernels_compile_for_sm80_and_sm90():
-    """The interpreter accepts what GPU compilers reject (tl.dot K < 16, shared-memory overflow):
-    compile every kernel variant for real targets, in a process without TRITON_INTERPRET."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "lorafuse.kernels.compile_check", "--arch", "80", "90"],
-        env=env, capture_output=True, text=True, timeout=900,
-    )
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert "0 failed" in proc.stdout and proc.stdout.count("ok   sm_") >= 70
+def test_kernels_compile_for_sm80_and_sm90(compile_report):
+    """Every kernel variant compiles for real targets (see the compile_report fixture)."""
+    proc_stdout = compile_report
+    assert proc_stdout.count("ok   sm_") >= 70
     for arch in (80, 90):  # every rank class of the expand kernels (slice width x slices), up to rank 512
         for layout in ("slices 16x(3, 3)", "slices 32x(3, 3)", "slices 16x(1, 13)", "slices 64x(8, 8)"):
-            assert f"ok   sm_{arch} fused_lora_linear fp16 ranks=" in proc.stdout
-            assert any(line.startswith(f"ok   sm_{arch}") and layout in line for line in proc.stdout.splitlines()), (
+            assert f"ok   sm_{arch} fused_lora_linear fp16 ranks=" in proc_stdout
+            assert any(line.startswith(f"ok   sm_{arch}") and layout in line for line in proc_stdout.splitlines()), (
                 arch, layout)
 
 

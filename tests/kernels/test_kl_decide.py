@@ -10,9 +10,6 @@ so the kernel's online-softmax merge over tiles is exercised; decisions are asse
 reference is clear-cut (every case has both kinds and a wide margin by construction)."""
 
 import itertools
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -23,6 +20,7 @@ from lorafuse.kernels.kl_decide import kl_decide_torch
 
 from ..conftest import DEVICE
 from ..fusion.reference import formula64, kl_decide64, kl_divergences64
+from .conftest import compiled
 
 BACKENDS = ["torch", "triton"]
 OPTIONS = list(itertools.product(("forward", "reverse"), ("sample", "batch"), ("subject", "style")))
@@ -222,18 +220,11 @@ def test_kl_select_torch_path_is_stateless_and_fresh():
     assert outs[0][1].data_ptr() != outs[1][1].data_ptr() and outs[0][2].data_ptr() != outs[1][2].data_ptr()
 
 
-def test_kl_decide_kernel_compiles_for_sm80_and_sm90():
+def test_kl_decide_kernel_compiles_for_sm80_and_sm90(compile_report):
     """compile_check lists the decision kernel (every direction / reduction / tie variant) and each
-    compiles for sm_80 and sm_90 without register spills (a process without TRITON_INTERPRET)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "lorafuse.kernels.compile_check", "--arch", "80", "90", "--filter", "kl_decide"],
-        env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    ok = [line for line in proc.stdout.splitlines() if line.startswith("ok   sm_")]
-    assert "0 failed" in proc.stdout and len(ok) == 16, proc.stdout
-    assert all("STACK:0" in line for line in ok if "STACK:" in line), proc.stdout
+    compiles for sm_80 and sm_90 without register spills."""
+    ok = compiled(compile_report, "kl_decide")
+    assert len(ok) == 16 and all("STACK:0" in line for line in ok if "STACK:" in line), ok
 
 
 def test_kl_select_bad_calls_raise_clear_errors():

@@ -6,18 +6,17 @@ through the interpreter on a CPU), plus their sm_80 / sm_90 builds.
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from lorafuse.kernels import PackedLoRA
+from lorafuse.kernels._common import interpreter_active
 from lorafuse.kernels.merge_weight import MergeTable, merge_flipped_weights, merge_lora_weight
 
+from .conftest import compiled
+
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
-    not __import__("lorafuse.kernels._common", fromlist=["x"]).interpreter_active() and not torch.cuda.is_available(),
-    reason="Triton needs CUDA or TRITON_INTERPRET=1"))]
+    not interpreter_active() and not torch.cuda.is_available(), reason="Triton needs CUDA or TRITON_INTERPRET=1"))]
 # relative Frobenius error vs fp64, by weight dtype
 REL_TOL = {torch.float32: 1e-6, torch.float16: 1e-3}
 
@@ -126,9 +125,6 @@ def test_merge_flipped_rebuilds_exactly_the_flipped_layers(backend, dtype):
 
 
 def test_grouped_triton_equals_torch_reference():
-    pytest.importorskip("triton")
-    from lorafuse.kernels._common import interpreter_active
-
     if not interpreter_active() and not torch.cuda.is_available():
         pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1")
     layers = _table_layers(torch.float32, seed=7)
@@ -170,13 +166,6 @@ def test_errors():
         merge_flipped_weights(table, torch.zeros(3, 2), torch.zeros(2, 2))
 
 
-def test_compile_check_builds_the_merge_kernels_for_sm80_and_sm90():
-    pytest.importorskip("triton")
-    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run(
-        [sys.executable, "-m", "lorafuse.kernels.compile_check", "--arch", "80", "90", "--filter", "merge"],
-        capture_output=True, text=True, env=env, timeout=600,
-    )
-    assert res.returncode == 0, res.stdout + res.stderr
-    ok = [line for line in res.stdout.splitlines() if line.startswith("ok")]
-    assert len(ok) == 2 * 2 * 3, res.stdout  # 2 archs x (single, grouped) x 3 dtypes
+def test_compile_check_builds_the_merge_kernels_for_sm80_and_sm90(compile_report):
+    ok = compiled(compile_report, "merge")
+    assert len(ok) == 2 * 2 * 3, ok  # 2 archs x (single, grouped) x 3 dtypes
