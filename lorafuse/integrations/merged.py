@@ -66,9 +66,6 @@ class MergedWeights:
         self.applied: torch.Tensor | None = None  # (layers, 2) fp32: gates each dst was built with (NaN: none)
         self.table: MergeTable | None = None  # grouped Triton rebuild (scratch mode on a Triton backend)
 
-    def weight(self, i: int) -> torch.Tensor:
-        return self.layers[i].dst
-
     def current(self, i: int, weight: torch.Tensor, pack_key) -> bool:
         """Whether layer i holds a merged weight built from this weight and these factors."""
         st = self.layers[i]
