@@ -1,5 +1,5 @@
-"""`lorafuse demo`: the main job on an embedded tiny pipeline, offline, 42 s of CPU time with the
-defaults (under a minute of wall time on an idle 2-core CPU; more on a busy one).
+"""`lorafuse demo`: the main job on an embedded tiny pipeline, offline: about 30 s of wall time with
+the defaults on an idle 2-core CPU (more on a busy one).
 
 1. Build a small SD1.5-style pipeline with random weights (no downloads) and save it, as a diffusers
    folder, in OUT/pipeline: `lorafuse generate --model OUT/pipeline ...` runs on it.
