@@ -34,10 +34,11 @@ _log = logging.getLogger("lorafuse")
 _DENOISER_NAMES = ("unet", "transformer", "transformer_2", "prior", "decoder")
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # reasons for which PEFT semantics are "base only" / user's explicit choice: no warning
-_SILENT = ("adapters disabled", "adapters merged")
+_SILENT = ("adapters disabled",)
 # fallbacks where the user's own PEFT state decides what the layer computes: PEFT's forward as it is;
 # every other fallback runs PEFT's forward driven with the method's gates for this call
 _USERS_CHOICE = _SILENT + (
+    "adapters merged",  # pipe.fuse_lora() after accelerate_fusion: PEFT's merged sum, warned once
     "not exactly the two fused adapters active (set_adapters changed)", "adapter deleted from the layer",
     "called outside a denoiser call (no timestep yet)", "adapter_names= (mixed-batch) call",
 )
@@ -281,6 +282,7 @@ class FusionHandle:
         self._log: list[dict] = []
         self.guidance = None  # a lorafuse.guidance.GuidanceHandle when accelerate_fusion(guidance=...)
         self._unpatched: list[tuple[str, str]] = []  # (module path, why) of LoRA layers left on PEFT
+        self._reload_watch = None  # (pipe, our load_lora_weights) while installed
 
     # ---------------- public ----------------
     @property
@@ -335,6 +337,11 @@ class FusionHandle:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+        if self._reload_watch is not None:
+            pipe, fn = self._reload_watch
+            if pipe.__dict__.get("load_lora_weights") is fn:
+                del pipe.__dict__["load_lora_weights"]
+            self._reload_watch = None
         if self._merged is not None:  # in place mode: every original back, bit for bit
             self._merged.release([rec.base.weight if rec.base is not None else None for rec in self._layers])
             self._merged = None
@@ -382,8 +389,6 @@ class FusionHandle:
 
     # ---------------- installation ----------------
     def _install(self) -> None:
-        from ..fusion.base import LayerLoRAs
-
         s, t = self.subject, self.style
         LoraLayer = _peft_classes()
         entries = []
@@ -397,6 +402,12 @@ class FusionHandle:
                 f"{', '.join(c for c, _ in self._denoisers)}; nothing to fuse"
             )
         entries.sort(key=lambda e: (e[0], e[1]))
+        fused = [f"{comp}.{path}" for _, _, comp, path, mod in entries if set(mod.merged_adapters) & {s, t}]
+        if fused:
+            raise ValueError(
+                f"accelerate_fusion: the adapters are fused into the weights of {len(fused)} layers (first: {fused[0]}; "
+                "pipe.fuse_lora()): the method cannot select between them; call pipe.unfuse_lora() first"
+            )
         patched = {id(e[4]) for e in entries}
         for comp, d in self._denoisers:
             for path, mod in _adapter_layers(_unwrap(d), (s, t)):
@@ -411,27 +422,8 @@ class FusionHandle:
                         saved = mod.__dict__.get("_active_adapter", _MISSING)
                         mod._active_adapter = ours
                         self._activated.append((mod, saved, ours))
-        loras = []
-        for i, (_, _, comp, path, mod) in enumerate(entries):
-            rec = _Layer(i, comp, path, mod)
-            self._layers.append(rec)
-            loras.append(LayerLoRAs(
-                name=f"{comp}.{path}",
-                subject=(_real_weight(mod.lora_A[s]), _real_weight(mod.lora_B[s]), mod.scaling[s]),
-                style=(_real_weight(mod.lora_A[t]), _real_weight(mod.lora_B[t]), mod.scaling[t]),
-            ))
-            rec.install_weights = self._weights_key(mod)
-        w0 = loras[0].subject[0]
-        device = None if w0.is_meta else w0.device
-        self.method.prepare(loras, device)
-        from ..fusion.base import FusionMethod
-
-        if (self.weights != "off" and not self.method.dynamic
-                and type(self.method).layer_gates is not FusionMethod.layer_gates):
-            from .merged import MergedWeights
-
-            self._merged = MergedWeights(len(self._layers), self.weights, self.backend)
-            self._host_gates = self.method.step_decisions() is None  # official tau: per-call host gates
+        self._layers = [_Layer(i, comp, path, mod) for i, (_, _, comp, path, mod) in enumerate(entries)]
+        self._prepare_method()
         for rec in self._layers:
             m = rec.module
             w = m.get_base_layer().weight if hasattr(m, "get_base_layer") else None
@@ -452,6 +444,54 @@ class FusionHandle:
             self._hooks.append(d.register_forward_pre_hook(self._make_pre_hook(pos), with_kwargs=True))
             d.__dict__[_HANDLE_ATTR] = self
 
+    def _prepare_method(self) -> None:
+        """Give the method every patched layer's two LoRAs as they are now (``prepare``) and set up
+        the merged weights; at install, and again when an adapter is reloaded (hotswap)."""
+        from ..fusion.base import FusionMethod, LayerLoRAs
+
+        s, t = self.subject, self.style
+        loras = []
+        for rec in self._layers:
+            mod = rec.module
+            loras.append(LayerLoRAs(
+                name=f"{rec.component}.{rec.path}",
+                subject=(_real_weight(mod.lora_A[s]), _real_weight(mod.lora_B[s]), mod.scaling[s]),
+                style=(_real_weight(mod.lora_A[t]), _real_weight(mod.lora_B[t]), mod.scaling[t]),
+            ))
+            rec.install_weights = self._weights_versions(mod)
+            rec.stale_warned, rec.fp, rec.packed = False, None, None
+            rec.cache.clear()
+            rec.ccache.clear()
+        w0 = loras[0].subject[0]
+        self.method.prepare(loras, None if w0.is_meta else w0.device)
+        if self._merged is not None:
+            self._merged.release([rec.base.weight for rec in self._layers])
+            self._merged = None
+        if (self.weights != "off" and not self.method.dynamic
+                and type(self.method).layer_gates is not FusionMethod.layer_gates):
+            from .merged import MergedWeights
+
+            self._merged = MergedWeights(len(self._layers), self.weights, self.backend)
+            self._host_gates = self.method.step_decisions() is None  # official tau: per-call host gates
+
+    def _watch_reloads(self, pipe) -> None:
+        """``pipe.load_lora_weights(..., adapter_name=<subject or style>, hotswap=True)`` copies new
+        factors into the adapter's tensors in place (invisible to version counters): re-prepare the
+        method, the packed factors and the merged weights right after it."""
+        ref = weakref.ref(self)
+        cls_load = type(pipe).load_lora_weights
+
+        def load_lora_weights(*args, **kwargs):
+            out = cls_load(pipe, *args, **kwargs)
+            name = kwargs.get("adapter_name", args[1] if len(args) > 1 else None)
+            h = ref()
+            if h is not None and not h._removed and name in (h.subject, h.style):
+                h._prepare_method()
+            return out
+
+        self._reload_watch = (pipe, load_lora_weights)
+        pipe.load_lora_weights = load_lora_weights
+
     def summary(self) -> dict:
         """What the installation covers: ``layers`` patched, on the ``path`` "merged" (one F.linear on
         merged weights) or "fused" (the fused kernel), ``unpatched``: reason -> number of the two
@@ -470,6 +510,13 @@ class FusionHandle:
             "unpatched_layers": [p for p, _ in self._unpatched],
             "fallback_calls": dict(self.fallbacks),
         }
+
+    def _weights_versions(self, m) -> tuple[int, ...]:
+        """Version counters of the layer's four LoRA factors: they move with in-place writes, not with
+        ``pipe.to(dtype / device)`` or offload moves (no false "weights changed" warning on those)."""
+        s, t = self.subject, self.style
+        return tuple(w._version for w in (m.lora_A[s].weight, m.lora_B[s].weight, m.lora_A[t].weight,
+                                          m.lora_B[t].weight))
 
     def _weights_key(self, m):
         s, t = self.subject, self.style
@@ -677,7 +724,7 @@ class FusionHandle:
         return merge
 
     def _check_stale(self, rec: _Layer, m) -> None:
-        if not rec.stale_warned and self._weights_key(m) != rec.install_weights:
+        if not rec.stale_warned and self._weights_versions(m) != rec.install_weights:
             rec.stale_warned = True
             self._warn_once("LoRA weights changed after accelerate_fusion (hotswap?): the method's static "
                             "per-layer scores are stale; call accelerate_fusion again")
@@ -1006,6 +1053,8 @@ def accelerate_fusion(
     handle._divisor_fixed = timestep_divisor is not None
     try:
         handle._install()
+        if not isinstance(pipe, nn.Module) and hasattr(type(pipe), "load_lora_weights"):
+            handle._watch_reloads(pipe)
         info = handle.summary()
         _log.info("accelerate_fusion %s: %d layers on the %s path%s; left on PEFT: %s", info["method"], info["layers"],
                   info["path"], f" (weights={info['weights']})" if info["weights"] else "",

@@ -328,3 +328,47 @@ def test_summary_reports_what_is_left_on_peft(caplog):
     assert info["unpatched"] == {"only the subject adapter targets it": n_sbj - h.num_layers}
     assert any("left on PEFT: " + f"{n_sbj - h.num_layers} (only the subject" in r.message for r in caplog.records)
     h.remove()
+
+
+def test_hotswap_reprepares_and_moves_do_not_warn():
+    """hotswap=True into the style adapter while fused gives what a fresh installation on the new
+    LoRA gives; a dtype round trip of the denoiser warns of nothing; fuse_lora() before
+    accelerate_fusion is a clear error, after it a warning (PEFT's merged sum runs)."""
+    import warnings as w
+
+    from .tiny import ATTN_TARGETS, lora_state_dict, sd15_pipeline
+
+    def new_style(pipe_):
+        return lora_state_dict(sd15_pipeline().unet, "unet", 8, seed=5, targets=ATTN_TARGETS, scale=0.12)
+
+    pipe = make("sd15")
+    h = accelerate_fusion(pipe, "sbj", "sty", "klora", backend="torch")
+    before = run(pipe, "sd15", steps=3)
+    pipe.load_lora_weights(new_style(pipe), adapter_name="sty", hotswap=True)
+    with w.catch_warnings():
+        w.simplefilter("error")  # no "weights changed" warning: the reload was seen for what it is
+        out = run(pipe, "sd15", steps=3)
+        pipe.unet.to(torch.float16)
+        pipe.unet.to(torch.float32)
+        run(pipe, "sd15", steps=3)
+    h.remove()
+    assert "load_lora_weights" not in pipe.__dict__
+    ref_pipe = sd15_pipeline()
+    ref_pipe.load_lora_weights(lora_state_dict(ref_pipe.unet, "unet", 4, seed=1, targets=ATTN_TARGETS), adapter_name="sbj")
+    ref_pipe.load_lora_weights(new_style(ref_pipe), adapter_name="sty")
+    h = accelerate_fusion(ref_pipe, "sbj", "sty", "klora", backend="torch")
+    ref = run(ref_pipe, "sd15", steps=3)
+    h.remove()
+    assert close(out, ref), (out - ref).abs().max()
+    assert not close(out, before)
+    pipe.set_adapters(["sbj", "sty"])
+    pipe.fuse_lora()
+    with pytest.raises(ValueError, match=r"fused into the weights.*unfuse_lora\(\) first"):
+        accelerate_fusion(pipe, "sbj", "sty", "klora")
+    pipe.unfuse_lora()
+    h = accelerate_fusion(pipe, "sbj", "sty", "klora", backend="torch")
+    pipe.fuse_lora()
+    with pytest.warns(UserWarning, match="adapters merged"):
+        run(pipe, "sd15")
+    pipe.unfuse_lora()
+    h.remove()
