@@ -283,6 +283,7 @@ class FusionHandle:
         self.guidance = None  # a lorafuse.guidance.GuidanceHandle when accelerate_fusion(guidance=...)
         self._unpatched: list[tuple[str, str]] = []  # (module path, why) of LoRA layers left on PEFT
         self._reload_watch = None  # (pipe, our load_lora_weights) while installed
+        self._te_scaled: list[tuple[Any, str, Any, Any]] = []  # (text-encoder layer, adapter, saved, ours)
 
     # ---------------- public ----------------
     @property
@@ -362,6 +363,10 @@ class FusionHandle:
                 else:
                     m._active_adapter = saved
         self._activated.clear()
+        for m, a, saved, ours in self._te_scaled:
+            if m.scaling.get(a) == ours:  # not changed since (set_adapters would have reset it)
+                m.scaling[a] = saved
+        self._te_scaled.clear()
         for _, d in self._denoisers:
             if d.__dict__.get(_HANDLE_ATTR) is self:
                 del d.__dict__[_HANDLE_ATTR]
@@ -473,6 +478,30 @@ class FusionHandle:
 
             self._merged = MergedWeights(len(self._layers), self.weights, self.backend)
             self._host_gates = self.method.step_decisions() is None  # official tau: per-call host gates
+
+    def _weight_text_encoders(self, pipe) -> None:
+        """Constant-gate methods (merge, subject, style) weight the text encoders' LoRAs too, as
+        ``set_adapters([subject, style], [w_c, w_s])`` does: each text-encoder LoRA layer's scaling of
+        adapter i is multiplied by w_i (restored on ``remove()``). The selecting methods leave the
+        text encoders as loaded: they run once per prompt, and the methods decide per denoiser layer."""
+        from ..fusion.merge import ConstantGates
+
+        if not isinstance(self.method, ConstantGates):
+            return
+        LoraLayer = _peft_classes()
+        weights = dict(zip((self.subject, self.style), self.method._weights))
+        for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+            te = getattr(pipe, name, None)
+            if not isinstance(te, nn.Module):
+                continue
+            for _, m in te.named_modules():
+                if not isinstance(m, LoraLayer):
+                    continue
+                for a, w in weights.items():
+                    if a in m.scaling and w != 1.0:
+                        saved = m.scaling[a]
+                        m.scaling[a] = saved * w
+                        self._te_scaled.append((m, a, saved, m.scaling[a]))
 
     def _watch_reloads(self, pipe) -> None:
         """``pipe.load_lora_weights(..., adapter_name=<subject or style>, hotswap=True)`` copies new
@@ -1053,8 +1082,10 @@ def accelerate_fusion(
     handle._divisor_fixed = timestep_divisor is not None
     try:
         handle._install()
-        if not isinstance(pipe, nn.Module) and hasattr(type(pipe), "load_lora_weights"):
-            handle._watch_reloads(pipe)
+        if not isinstance(pipe, nn.Module):
+            handle._weight_text_encoders(pipe)
+            if hasattr(type(pipe), "load_lora_weights"):
+                handle._watch_reloads(pipe)
         info = handle.summary()
         _log.info("accelerate_fusion %s: %d layers on the %s path%s; left on PEFT: %s", info["method"], info["layers"],
                   info["path"], f" (weights={info['weights']})" if info["weights"] else "",

@@ -372,3 +372,20 @@ def test_hotswap_reprepares_and_moves_do_not_warn():
         run(pipe, "sd15")
     pipe.unfuse_lora()
     h.remove()
+
+
+def test_merge_weights_the_text_encoder_loras_too():
+    """merge(subject_weight, style_weight) equals set_adapters([...], [w_c, w_s]) with text-encoder
+    LoRAs loaded (both scalings weighted, restored on remove)."""
+    pipe = make("sd15", subject_te=True)
+    te_layers = peft_layers(pipe.text_encoder, ("sbj",))
+    assert te_layers
+    scalings = [dict(m.scaling) for _, m in te_layers]
+    pipe.set_adapters(["sbj", "sty"], [0.8, 0.6])
+    ref = run(pipe, "sd15")
+    pipe.set_adapters(["sbj", "sty"], [1.0, 1.0])
+    h = accelerate_fusion(pipe, "sbj", "sty", "merge", backend="torch", subject_weight=0.8, style_weight=0.6)
+    out = run(pipe, "sd15")
+    h.remove()
+    assert close(out, ref), (out - ref).abs().max()
+    assert [dict(m.scaling) for _, m in te_layers] == scalings
