@@ -7,6 +7,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["lorafuse", "lorafuse.*"]),
+    package_data={"lorafuse": ["py.typed"]},  # the public API is annotated (PEP 561)
     python_requires=">=3.10",
     # torch first: on CPU machines install `torch==2.13.0` (CPU build) before this package so that
     # pip never resolves a multi-GB CUDA build for it.
