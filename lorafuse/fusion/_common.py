@@ -144,7 +144,9 @@ class StaticSelectMethod(FusionMethod):
     def prepare(self, layers, device=None) -> None:
         pairs = validate_layers(layers, self.name)
         device = torch.device(device) if device is not None else pairs[0][0][0].device
-        st = torch.stack([torch.stack([t.to("cpu", torch.float64) for t in self._layer_stats(c, s)]) for c, s in pairs])
+        per_layer = pairs if self.progress is None else self.progress(pairs, len(pairs))
+        st = torch.stack([torch.stack([t.to("cpu", torch.float64) for t in self._layer_stats(c, s)])
+                          for c, s in per_layer])
         self.scores = st[:, :2].clone()  # (L, 2) fp64 on the host, for logs and references
         self.gamma = balance_gamma(st[:, 2], st[:, 3], self.balance)
         num, den = st[:, 0] / self.gamma, st[:, 1]

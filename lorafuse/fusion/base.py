@@ -78,6 +78,9 @@ class FusionMethod(abc.ABC):
     name: str = "base"
     #: True when gates depend on the forward's own statistics (needs the kernel's STATS epilogue)
     dynamic: bool = False
+    #: set by an integration to show progress: ``progress(iterable, total)`` wraps the per-layer loop
+    #: of a slow :meth:`prepare` (e.g. a tqdm bar); None: no progress display
+    progress = None
 
     @abc.abstractmethod
     def prepare(self, layers: Sequence[LayerLoRAs], device: torch.device | str | None = None) -> None:

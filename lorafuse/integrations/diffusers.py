@@ -103,6 +103,20 @@ def _lora_layers(model: nn.Module, names, limit=None):
             return
 
 
+def _progress_bar(desc: str):
+    """``progress(iterable, total)`` for :attr:`FusionMethod.progress`: a tqdm bar that appears only
+    when the loop runs longer than a second (K-LoRA's statistics for 560 SDXL layers take seconds)."""
+
+    def progress(iterable, total):
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:  # pragma: no cover - tqdm comes with the diffusers extra
+            return iterable
+        return tqdm(iterable, total=total, desc=desc, unit="layer", delay=1.0, leave=False)
+
+    return progress
+
+
 def _unwrap(module: nn.Module) -> nn.Module:
     """The module a ``torch.compile``-d wrapper (``OptimizedModule``) compiles, else the module."""
     return getattr(module, "_orig_mod", module) if isinstance(module, nn.Module) else module
@@ -283,6 +297,7 @@ class FusionHandle:
         self.guidance = None  # a lorafuse.guidance.GuidanceHandle when accelerate_fusion(guidance=...)
         self._unpatched: list[tuple[str, str]] = []  # (module path, why) of LoRA layers left on PEFT
         self._reload_watch = None  # (pipe, our load_lora_weights) while installed
+        self.progress = False  # a progress bar for the method's preparation (accelerate_fusion(progress=...))
         self._te_scaled: list[tuple[Any, str, Any, Any]] = []  # (text-encoder layer, adapter, saved, ours)
 
     # ---------------- public ----------------
@@ -468,6 +483,8 @@ class FusionHandle:
             rec.cache.clear()
             rec.ccache.clear()
         w0 = loras[0].subject[0]
+        if self.progress and self.method.progress is None:
+            self.method.progress = _progress_bar(f"lorafuse: {getattr(self.method, 'name', 'fusion')} statistics")
         self.method.prepare(loras, None if w0.is_meta else w0.device)
         if self._merged is not None:
             self._merged.release([rec.base.weight for rec in self._layers])
@@ -1002,6 +1019,7 @@ def accelerate_fusion(
     timestep_divisor: float | None = None,
     guidance=None,
     weights: str = "scratch",
+    progress: bool | None = None,
     **method_options,
 ) -> FusionHandle:
     """Fuse the LoRA adapters ``subject`` and ``style`` of a diffusers pipeline with a fusion method.
@@ -1028,6 +1046,9 @@ def accelerate_fusion(
             the original kept in host memory and written back before PEFT's own code uses the layer
             and on ``remove()``) or "off" (the fused low-rank path on every call). Dynamic methods
             (kl) always run the fused path. See :mod:`lorafuse.integrations.merged`.
+        progress: show a progress bar while the method prepares its per-layer statistics, when
+            that takes more than a second (None: unless the pipeline's progress bar is disabled
+            with ``pipe.set_progress_bar_config(disable=True)``).
         **method_options: passed to ``get_method`` (pattern, alpha, beta, D, official mode, ...).
 
     Returns a :class:`FusionHandle`; ``handle.remove()`` or :func:`remove_fusion` undo everything.
@@ -1080,6 +1101,9 @@ def accelerate_fusion(
         raise ValueError(f"accelerate_fusion: timestep_divisor must be a positive number, got {timestep_divisor}")
     handle = FusionHandle(pipe, denoisers, fusion_method, subject, style, backend, log_gates, scheduler, div, weights)
     handle._divisor_fixed = timestep_divisor is not None
+    if progress is None:
+        progress = not (getattr(pipe, "_progress_bar_config", None) or {}).get("disable", False)
+    handle.progress = bool(progress)
     try:
         handle._install()
         if not isinstance(pipe, nn.Module):

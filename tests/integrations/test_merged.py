@@ -389,3 +389,28 @@ def test_merge_weights_the_text_encoder_loras_too():
     h.remove()
     assert close(out, ref), (out - ref).abs().max()
     assert [dict(m.scaling) for _, m in te_layers] == scalings
+
+
+def test_preparation_progress_bar_follows_the_pipeline_setting(monkeypatch):
+    """A preparation slower than a second shows a tqdm bar unless the pipeline's bars are disabled."""
+    import tqdm.auto
+
+    shown = []
+
+    class Bar:
+        def __init__(self, iterable, total, desc, **kw):
+            shown.append((desc, total, kw.get("delay")))
+            self.iterable = iterable
+
+        def __iter__(self):
+            return iter(self.iterable)
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+    pipe = make("sd15")
+    pipe.set_progress_bar_config(disable=False)
+    h = accelerate_fusion(pipe, "sbj", "sty", "klora", backend="torch")
+    assert shown == [("lorafuse: klora statistics", h.num_layers, 1.0)]
+    h.remove()
+    pipe.set_progress_bar_config(disable=True)
+    accelerate_fusion(pipe, "sbj", "sty", "klora", backend="torch").remove()
+    assert len(shown) == 1
