@@ -19,7 +19,8 @@ the defaults on an idle 2-core CPU (more on a busy one).
 
 On a CPU this shows host overhead per layer call (PEFT's extra ops, the methods' gate logic) and
 that the results match PEFT; it cannot show the fused Triton kernels' speed, which needs a CUDA GPU
-(`lorafuse bench --device cuda`, `lorafuse demo --device cuda`). The pipeline has random weights,
+(`python -m benchmarks.gpu_check`, `lorafuse bench --device cuda`, `lorafuse demo --device cuda`, or
+the committed GPU results under benchmarks/results/gpu/). The pipeline has random weights,
 so the images are noise: they show that every method runs end to end, not what fusion looks like.
 """
 
@@ -45,7 +46,8 @@ SUMMARY = ("every fusion method vs PEFT on an embedded tiny pipeline (time per s
            "writes ./lorafuse-demo/ with a pipeline and LoRA files for `generate`")
 BUSY = 0.10  # share of the machine's CPU used by other processes above which the timing is called disturbed
 CPU_NOTE = ("CPU run: it shows host overhead per layer call and that every method matches PEFT; it cannot show "
-            "the fused Triton kernels' speed (CUDA only: lorafuse bench --device cuda on a GPU)")
+            "the fused Triton kernels' speed (CUDA only: python -m benchmarks.gpu_check or lorafuse bench --device cuda "
+            "on a GPU, or the committed results in benchmarks/results/gpu/)")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
