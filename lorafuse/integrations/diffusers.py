@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .gate_log import GateLog
+
 __all__ = ["FusionHandle", "FusionFallbackWarning", "accelerate_fusion", "remove_fusion"]
 
 _HANDLE_ATTR = "_lorafuse_fusion_handle"
@@ -287,13 +289,7 @@ class FusionHandle:
         self.calls = 0
         self._run_step = 0
         self._run_marker = None
-        self._call_info: dict[int, tuple[Any, Any]] = {}  # call -> (timestep (0-d), tau), while logging
-        self._raw_log: list[tuple] = []  # (layer, call, gates, stats, tau) of the current call, device tensors
-        # methods that decide once per step (StaticSelectMethod, ConstantGates): one snapshot per call
-        self._snapshots: dict[int, Any] = {}  # call -> Decision of every layer (cloned), or None
-        self._light_log: list[tuple[int, int]] = []  # (layer, call) whose decision is in _snapshots
-        self._batches: list[tuple] = []  # _raw_log of finished calls, stacked per field
-        self._log: list[dict] = []
+        self._gates = GateLog(method, self._layers)  # the decisions of every layer call (gate_log)
         self.guidance = None  # a lorafuse.guidance.GuidanceHandle when accelerate_fusion(guidance=...)
         self._unpatched: list[tuple[str, str]] = []  # (module path, why) of LoRA layers left on PEFT
         self._reload_watch = None  # (pipe, our load_lora_weights) while installed
@@ -316,17 +312,10 @@ class FusionHandle:
     @property
     def gate_log(self) -> list[dict]:
         """One dict per (layer, layer call inside a denoiser call), converted to Python lazily."""
-        if self._raw_log or self._light_log or self._batches:
-            self._flush_log()
-        return self._log
+        return self._gates.entries()
 
     def clear_gate_log(self) -> None:
-        self._raw_log.clear()
-        self._light_log.clear()
-        self._snapshots.clear()
-        self._batches.clear()
-        self._log.clear()
-        self._call_info.clear()
+        self._gates.clear()
 
     def plot_gates(self, path, *, which: str = "subject") -> None:
         """Write a PNG heatmap, layers (rows, module paths) x denoising steps (columns, from 1), of
@@ -442,7 +431,7 @@ class FusionHandle:
                         saved = mod.__dict__.get("_active_adapter", _MISSING)
                         mod._active_adapter = ours
                         self._activated.append((mod, saved, ours))
-        self._layers = [_Layer(i, comp, path, mod) for i, (_, _, comp, path, mod) in enumerate(entries)]
+        self._layers[:] = [_Layer(i, comp, path, mod) for i, (_, _, comp, path, mod) in enumerate(entries)]
         self._prepare_method()
         for rec in self._layers:
             m = rec.module
@@ -609,8 +598,7 @@ class FusionHandle:
             if h._merged is not None and not h._host_gates:  # rebuild the layers whose gates flipped
                 h._merged.step(h.method.step_decisions().gates)
             if h.log_gates:
-                h._compact()
-                h._call_info[h.calls] = (t0, tau)
+                h._gates.begin_call(h.calls, t0, tau)
             h._run_step += 1
             h.calls += 1
             h._started = True
@@ -678,7 +666,7 @@ class FusionHandle:
                 y = h.method.layer_forward(index, x, params["weight"], params.get("bias"), rec.packed,
                                            backend=h.backend)
             if h.log_gates:
-                h._record(index)
+                h._gates.record(index, h.calls - 1)
             return y
 
         return forward
@@ -747,7 +735,7 @@ class FusionHandle:
         y = fused_lora_linear(x, rec.base.weight, rec.base.bias, self._packed(rec, m, x), gates=row,
                               backend=self.backend)
         if self.log_gates:
-            self._record(rec.index)
+            self._gates.record(rec.index, self.calls - 1)
         return y
 
     def _hand_back(self, rec: _Layer) -> None:
@@ -844,7 +832,7 @@ class FusionHandle:
 
         y = peft_forward_with_gates(m, x, gates, (self.subject, self.style), *args, **kwargs)
         if self.log_gates:
-            self._record(rec.index)
+            self._gates.record(rec.index, self.calls - 1)
         return y
 
     def _fallback(self, reason: str, gated: bool = False) -> None:
@@ -880,130 +868,6 @@ class FusionHandle:
             rec.ccache.pop(next(iter(rec.ccache)))
         rec.ccache[(_compile_key(sc_s), _compile_key(sc_t), x.dtype)] = packed
         return packed
-
-    # ---------------- logging ----------------
-    def _record(self, index: int) -> None:
-        call = self.calls - 1
-        if call not in self._snapshots:  # first record of this call: can the whole step be copied at once?
-            d = self.method.step_decisions()
-            self._snapshots[call] = None if d is None else _clone_decision(d)
-        if self._snapshots[call] is not None:
-            self._light_log.append((index, call))
-            return
-        d = _clone_decision(self.method.last_decision(index))
-        self._raw_log.append((index, call, d.gates, d.stats, d.tau))
-
-    def _expand_light(self) -> list[tuple]:
-        """The (layer, call) records of per-step methods as batches like :meth:`_compact`'s: each
-        field gathered from the call's snapshot (a few device ops per call, none per layer)."""
-        by_call: dict[int, list[int]] = {}
-        for index, call in self._light_log:
-            by_call.setdefault(call, []).append(index)
-        self._light_log = []
-        batches = []
-        for call, idx in by_call.items():
-            d = self._snapshots.pop(call)
-            n = len(idx)
-            rows = torch.tensor(idx, device=d.gates.device)
-
-            def per_layer(v):
-                if not isinstance(v, torch.Tensor):
-                    return [v] * n
-                return v.index_select(0, rows) if v.dim() == 1 else v.reshape(()).expand(n)
-
-            batches.append((idx, [call] * n, d.gates.index_select(0, rows).unsqueeze(1),
-                            {k: per_layer(v) for k, v in d.stats.items()}, per_layer(d.tau)))
-        return batches
-
-    def _compact(self) -> None:
-        """Stack the pending per-layer records of one denoiser call into one tensor per field (device
-        ops only, no sync): bounded memory and one host copy per field when the log is read."""
-        if self._light_log:
-            self._batches.extend(self._expand_light())
-        self._snapshots.clear()  # a later record of the current call takes a new snapshot
-        pend = self._raw_log
-        if not pend:
-            return
-        self._raw_log = []
-
-        def stack(values):
-            if values and all(isinstance(v, torch.Tensor) for v in values) and len(
-                    {(v.shape, v.dtype, v.device) for v in values}) == 1:
-                return torch.stack(values)
-            return list(values)
-
-        keys: list[str] = []
-        for p in pend:
-            keys.extend(k for k in p[3] if k not in keys)
-        self._batches.append((
-            [p[0] for p in pend], [p[1] for p in pend], stack([p[2] for p in pend]),
-            {k: stack([p[3].get(k) for p in pend]) for k in keys}, stack([p[4] for p in pend]),
-        ))
-
-    def _flush_log(self) -> None:
-        self._compact()
-        per_sample = bool(getattr(self.method, "dynamic", False))
-
-        def rows(v, n):
-            if isinstance(v, torch.Tensor):
-                v = v.detach().cpu()
-                return [r.item() if r.numel() == 1 else r.tolist() for r in v] if n else []
-            return [_to_py(x) for x in v]
-
-        for idx, calls, gates, stats, taus in self._batches:
-            n = len(idx)
-            g_rows = [torch.as_tensor(g).float().reshape(-1, 2) for g in
-                      (gates.detach().cpu().unbind(0) if isinstance(gates, torch.Tensor) else gates)]
-            stat_rows = {k: rows(v, n) for k, v in stats.items()}
-            tau_rows = rows(taus, n)
-            for j in range(n):
-                index, call, g = idx[j], calls[j], g_rows[j]
-                rec = self._layers[index]
-                t0, tau = self._call_info.get(call, (None, None))
-                if per_sample:
-                    subj, sty = g[:, 0].tolist(), g[:, 1].tolist()
-                else:
-                    subj, sty = float(g[0, 0]), float(g[0, 1])
-                entry = {
-                    "layer": rec.path,
-                    "component": rec.component,
-                    "layer_index": index,
-                    "call": call,
-                    "timestep": _to_py(t0),
-                    "tau": _to_py(tau),
-                    "subject": subj,
-                    "style": sty,
-                }
-                if tau_rows[j] is not None:
-                    entry["method_tau"] = tau_rows[j]
-                for k, v in stat_rows.items():
-                    if v[j] is not None:
-                        entry.setdefault(k, v[j])
-                self._log.append(entry)
-        self._batches.clear()
-
-
-def _clone_decision(d):
-    """A Decision whose tensors are detached copies (the method's may be views of live state), or
-    the method's own when it says they are ``fresh`` (new per call, never updated)."""
-    from ..fusion.base import Decision
-
-    if getattr(d, "fresh", False) and isinstance(d.gates, torch.Tensor) and not d.gates.requires_grad:
-        return d
-
-    def copy(v):
-        return v.detach().clone() if isinstance(v, torch.Tensor) else v
-
-    gates = copy(d.gates) if isinstance(d.gates, torch.Tensor) else torch.as_tensor(d.gates)
-    return Decision(gates, copy(d.tau), {k: copy(v) for k, v in (d.stats or {}).items()})
-
-
-def _to_py(v):
-    if isinstance(v, torch.Tensor):
-        v = v.detach().cpu()
-        return v.item() if v.numel() == 1 else v.tolist()
-    return v
-
 
 # ------------------------------------------------------------------------------------------------
 # entry points
