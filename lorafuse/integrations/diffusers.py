@@ -35,15 +35,16 @@ _HANDLE_ATTR = "_lorafuse_fusion_handle"
 _log = logging.getLogger("lorafuse")
 _DENOISER_NAMES = ("unet", "transformer", "transformer_2", "prior", "decoder")
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# reasons for which PEFT semantics are "base only" / user's explicit choice: no warning
-_SILENT = ("adapters disabled",)
-# fallbacks where the user's own PEFT state decides what the layer computes: PEFT's forward as it is;
-# every other fallback runs PEFT's forward driven with the method's gates for this call
-_USERS_CHOICE = _SILENT + (
-    "adapters merged",  # pipe.fuse_lora() after accelerate_fusion: PEFT's merged sum, warned once
-    "not exactly the two fused adapters active (set_adapters changed)", "adapter deleted from the layer",
-    "called outside a denoiser call (no timestep yet)", "adapter_names= (mixed-batch) call",
-)
+# fallback reasons where the user's own PEFT state decides what the layer computes: PEFT's forward as
+# it is (every other fallback runs PEFT's forward driven with the method's gates for that call)
+_DISABLED = "adapters disabled"
+_MERGED = "adapters merged"  # pipe.fuse_lora() after accelerate_fusion: PEFT's merged sum, warned once
+_MIXED_BATCH = "adapter_names= (mixed-batch) call"
+_NOT_STARTED = "called outside a denoiser call (no timestep yet)"
+_DELETED = "adapter deleted from the layer"
+_ADAPTERS_CHANGED = "not exactly the two fused adapters active (set_adapters changed)"
+_USERS_CHOICE = (_DISABLED, _MERGED, _MIXED_BATCH, _NOT_STARTED, _DELETED, _ADAPTERS_CHANGED)
+_SILENT = (_DISABLED,)  # the base layer is what PEFT gives: no warning
 _MISSING = object()
 
 
@@ -538,7 +539,7 @@ class FusionHandle:
             unpatched[why] = unpatched.get(why, 0) + 1
         return {
             "method": getattr(self.method, "name", type(self.method).__name__),
-            "layers": len(self._layers) - sum(why.startswith("already has") for _, why in self._unpatched),
+            "layers": sum(rec.forward is not None for rec in self._layers),
             "path": "merged" if self._merged is not None else "fused",
             "weights": self.weights if self._merged is not None else None,
             "unpatched": unpatched,
@@ -766,20 +767,20 @@ class FusionHandle:
     def _check(self, m, x, args, kwargs):
         """Why this call cannot take the fused path (None: it can). Host-side checks only."""
         if args or kwargs:
-            return "adapter_names= (mixed-batch) call" if "adapter_names" in kwargs else "extra forward arguments"
+            return _MIXED_BATCH if "adapter_names" in kwargs else "extra forward arguments"
         if m.disable_adapters:
-            return "adapters disabled"
+            return _DISABLED
         if m.merged:
-            return "adapters merged"
+            return _MERGED
         if not self._started:
-            return "called outside a denoiser call (no timestep yet)"
+            return _NOT_STARTED
         s, t = self.subject, self.style
         lora_a = m.lora_A
         if s not in lora_a or t not in lora_a:
-            return "adapter deleted from the layer"
+            return _DELETED
         act = [a for a in m.active_adapters if a in lora_a]
         if len(act) != 2 or s not in act or t not in act:
-            return "not exactly the two fused adapters active (set_adapters changed)"
+            return _ADAPTERS_CHANGED
         variants = getattr(m, "lora_variant", None)
         if variants and (s in variants or t in variants):
             return "DoRA or another LoRA variant"

@@ -53,8 +53,8 @@ class MergedWeights:
 
     ``build`` (re)makes one layer from its live weight, factors and gates row; ``step`` rebuilds, at
     the start of a denoiser call, every valid layer whose device-side gates changed; ``restore``
-    hands a layer's original weight back (in place mode) and invalidates it; ``release`` restores
-    everything and drops the copies.
+    hands a layer's original weight back (in place mode) and invalidates it; ``release`` writes every
+    original back and drops the copies.
     """
 
     def __init__(self, num_layers: int, mode: str, backend: str = "auto"):
@@ -65,6 +65,7 @@ class MergedWeights:
         self.layers = [_State() for _ in range(num_layers)]
         self.applied: torch.Tensor | None = None  # (layers, 2) fp32: gates each dst was built with (NaN: none)
         self.table: MergeTable | None = None  # grouped Triton rebuild (scratch mode on a Triton backend)
+        self._host: set[int] = set()  # valid layers with device-side gates that step() rebuilds one by one
 
     def current(self, i: int, weight: torch.Tensor, pack_key) -> bool:
         """Whether layer i holds a merged weight built from this weight and these factors."""
@@ -105,10 +106,12 @@ class MergedWeights:
         st.valid = True
         if gate_key is None:  # device-side gates: the step rebuild compares against this row
             self._applied(w.device)[i].copy_(row)
+            self._host.add(i)
             if self._use_table(w.device):
                 table = self._table(w.device)
                 if table.accepts(st.src, st.dst, st.pack):
                     table.set(i, st.src, st.dst, st.pack)
+                    self._host.discard(i)
                 else:  # e.g. a non-contiguous weight: rebuilt on the host side of step()
                     table.disable(i)
         return st.dst
@@ -123,10 +126,6 @@ class MergedWeights:
             self.table = MergeTable(len(self.layers), 2, device)
         return self.table
 
-    def grouped(self, i: int) -> bool:
-        """Whether layer i is rebuilt by the grouped Triton launch of :meth:`step`."""
-        return self.table is not None and self.table.rows[i] is not None
-
     def step(self, gates: torch.Tensor) -> None:
         """Rebuild every valid layer whose row of ``gates`` (layers, 2) differs from the row it was
         built with. Scratch mode on Triton: one grouped launch, no host read; otherwise the flip mask
@@ -134,50 +133,51 @@ class MergedWeights:
         if self.applied is None:
             return
         if self.table is not None and self.table.device == gates.device:
-            self._host_step(gates, skip_grouped=True)
+            self._host_step(gates)
             merge_flipped_weights(self.table, gates, self.applied, backend="triton")  # also applied <- gates
             return
         if gates.device.type == "cpu" and torch.equal(gates, self.applied):  # nothing flipped (the usual step)
             return
-        self._host_step(gates, skip_grouped=False)
+        self._host_step(gates)
         self.applied.copy_(gates)
 
-    def _host_step(self, gates: torch.Tensor, skip_grouped: bool) -> None:
-        host = [i for i, st in enumerate(self.layers)
-                if st.valid and st.gate_key is None and not (skip_grouped and self.grouped(i))]
-        if not host:
+    def _host_step(self, gates: torch.Tensor) -> None:
+        if not self._host:
             return
         flipped = (gates != self.applied).any(dim=1).tolist()
-        for i in host:
+        for i in sorted(self._host):
             if flipped[i]:
                 st = self.layers[i]
                 if self.mode == "inplace":
                     st.dst.copy_(st.original, non_blocking=True)
                 merge_lora_weight(st.src, st.pack, gates[i], out=st.dst, backend=self.backend)
 
-    def invalidate(self, i: int) -> None:
-        st = self.layers[i]
-        st.valid = False
-        st.gate_key = None
-        if self.applied is not None:
-            self.applied[i].fill_(float("nan"))
-        if self.table is not None:
-            self.table.disable(i)
-
-    def restore(self, i: int, weight: torch.Tensor | None = None) -> None:
-        """Invalidate layer i; in place mode also write its original back into ``weight`` (default:
-        the tensor it was built in), cast to that weight's dtype and device."""
+    def _write_back(self, i: int, weight: torch.Tensor | None) -> None:
+        """In place mode: layer i's original into ``weight`` (default: the tensor it was built in),
+        cast to that weight's dtype and device."""
         st = self.layers[i]
         if self.mode == "inplace" and st.valid:
             target = (weight if weight is not None else st.dst).detach()
             with torch.no_grad():
                 target.copy_(st.original)
-        self.invalidate(i)
+
+    def restore(self, i: int, weight: torch.Tensor | None = None) -> None:
+        """Invalidate layer i (the next :meth:`build` makes it again); in place mode first write its
+        original back (see :meth:`_write_back`)."""
+        self._write_back(i, weight)
+        st = self.layers[i]
+        st.valid = False
+        st.gate_key = None
+        self._host.discard(i)
+        if self.applied is not None:
+            self.applied[i].fill_(float("nan"))
+        if self.table is not None:
+            self.table.disable(i)
 
     def release(self, weights=None) -> None:
-        """Restore every layer (``weights[i]``: its live weight, default the one it was built in) and
-        drop every copy."""
+        """Write every original back (``weights[i]``: layer i's live weight) and drop every copy."""
         for i in range(len(self.layers)):
-            self.restore(i, None if weights is None else weights[i])
+            self._write_back(i, None if weights is None else weights[i])
         self.layers = [_State() for _ in self.layers]
         self.applied = self.table = None
+        self._host.clear()
