@@ -212,6 +212,9 @@ def merge_lora_weight(
 # ------------------------------------------------------------------------------------------------
 # grouped: rebuild the layers whose gates changed
 # ------------------------------------------------------------------------------------------------
+_TABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
 class MergeTable:
     """The layers :func:`merge_flipped_weights` may rebuild, as an int64 device table (one row per
     layer: src, dst, a, b pointers, N, K, R, enabled) plus the tensors behind the pointers, held
@@ -239,10 +242,9 @@ class MergeTable:
         """Whether (src, dst, packed) fits this table (device, dtypes, contiguity, LoRA count)."""
         return (
             src.device == dst.device == packed.device == self.device
-            and src.dtype == dst.dtype and src.dtype in (self.weight_dtype or src.dtype,)
-            and src.dtype in (torch.float16, torch.bfloat16, torch.float32)
-            and packed.dtype in (self.factor_dtype or packed.dtype,)
-            and packed.dtype in (torch.float16, torch.bfloat16, torch.float32)
+            and src.dtype == dst.dtype == (self.weight_dtype or src.dtype)  # one dtype per table
+            and packed.dtype == (self.factor_dtype or packed.dtype)
+            and src.dtype in _TABLE_DTYPES and packed.dtype in _TABLE_DTYPES
             and src.is_contiguous() and dst.is_contiguous() and packed.num_loras == self.num_loras
             and packed.a.is_contiguous() and packed.b.is_contiguous()
             and src.shape == dst.shape == (packed.out_features, packed.in_features)
