@@ -9,9 +9,10 @@ So this measures, in one run, with interleaved rounds (median, p20-p80):
    method (the static ones on merged weights, ``scratch`` and ``inplace``, and on the fused path,
    ``weights="off"``; kl on the fused path);
 2. the steady-state denoiser call (``pipe.unet(latents, t, ...)``, batch 2 as with CFG, fixed t) of
-   the tiny and the small SD1.5 pipelines: LoRA disabled vs PEFT vs each method, as the median over
-   rounds of each round's ratio to the LoRA-disabled call timed just before it (slow drifts of a
-   shared CPU cancel), and the extra per LoRA layer, also as a share of PEFT's extra;
+   the tiny and the small SD1.5 pipelines: LoRA disabled vs PEFT vs each method (one pipeline copy
+   per config, installed once), aten ops per call, and the median over many cycles (one call of
+   each config) of each call's ratio to the LoRA-disabled call of its cycle (drifts of a shared CPU
+   cancel), with the extra per LoRA layer, also as a share of PEFT's extra;
 3. what a flip costs: one rebuild of a merged SDXL-sized weight next to one F.linear of that layer.
 
     python -m benchmarks.overhead [--rounds 15] [--csv benchmarks/results/overhead.csv | --no-csv]
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import random
 import statistics
 import time
 import warnings
@@ -71,7 +73,7 @@ def _install(pipe, config: str):
     """Set the pipeline up as ``config`` ("disabled", "peft", or a METHODS label); returns an undo."""
     from lorafuse import accelerate_fusion
 
-    if config == "disabled":
+    if config.startswith("disabled"):
         pipe.unet.disable_adapters()
         return pipe.unet.enable_adapters
     if config == "peft":
@@ -84,11 +86,12 @@ def _install(pipe, config: str):
 
 
 def _per_call_us(fn, calls: int) -> float:
+    """This thread's CPU time per call (a preemption by another process is not counted)."""
     fn()
-    t0 = time.perf_counter()
+    t0 = time.thread_time()
     for _ in range(calls):
         fn()
-    return (time.perf_counter() - t0) / calls * 1e6
+    return (time.thread_time() - t0) / calls * 1e6
 
 
 def _interleaved(setups: dict, rounds: int, calls: int) -> dict[str, list[float]]:
@@ -156,33 +159,66 @@ def hook_step(pipe, t) -> None:
 
 
 def denoiser_rows(size: str, rounds: int, calls: int) -> list[dict]:
-    """Section 2: steady-state denoiser calls of one pipeline."""
-    pipe = _pipeline(size)
-    unet = pipe.unet
-    side = PIPELINES[size]
-    g = torch.Generator().manual_seed(0)
-    latents = torch.randn(2, unet.config.in_channels, side, side, generator=g)
-    ehs = torch.randn(2, 77, unet.config.cross_attention_dim, generator=g)
-    t = torch.tensor(500)
+    """Section 2: steady-state denoiser calls of one pipeline, timed in cycles of one call per config.
+
+    There is one copy of the pipeline per config (same seeds, same weights). Each round installs
+    every config on a copy (config i on copy i + round: across rounds each config runs on every copy,
+    so what one copy's memory layout costs is averaged out), warms each up with one call, runs
+    ``calls`` cycles (each in a new random order) and removes the configs again. A config's ratio
+    is the median over all cycles of its call's time over the LoRA-disabled call of the same cycle:
+    the machine's drifts (this shared CPU's speed moves by +-30% within seconds) hit both calls of a
+    pair alike. Times are this thread's CPU time (the host work a GPU would wait on; a preemption by
+    another process is not counted). "disabled again" is a second LoRA-disabled config: its ratio is
+    the noise floor of the method."""
     from lorafuse.integrations.diffusers import _lora_layers
 
-    n_lora = sum(1 for _ in _lora_layers(unet, ("subject", "style")))
-    configs = ["disabled", "peft"] + [label for label, _, _ in METHODS]
-    setups = {c: ((lambda c=c: _install(pipe, c)), lambda: unet(latents, t, encoder_hidden_states=ehs)) for c in configs}
+    configs = ["disabled", "disabled again", "peft"] + [label for label, _, _ in METHODS]
+    copies = [_pipeline(size) for _ in configs]
+    side = PIPELINES[size]
+    unet0 = copies[0].unet
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, unet0.config.in_channels, side, side, generator=g)
+    ehs = torch.randn(2, 77, unet0.config.cross_attention_dim, generator=g)
+    t = torch.tensor(500)
+    n_lora = sum(1 for _ in _lora_layers(unet0, ("subject", "style")))
+    times: dict[str, list[float]] = {c: [] for c in configs}
+    ops: dict[str, int] = {}
+    rng = random.Random(0)
     with torch.no_grad():
-        times = _interleaved(setups, rounds, calls)
+        for r in range(rounds):
+            pipes = {c: copies[(i + r) % len(copies)] for i, c in enumerate(configs)}
+            undos = []
+            try:
+                for c in configs:
+                    undos.append(_install(pipes[c], c))
+                calls_of = {c: (lambda u=pipes[c].unet: u(latents, t, encoder_hidden_states=ehs)) for c in configs}
+                for c in configs:
+                    calls_of[c]()  # warm-up (first-call preparation, packing, merging)
+                    if c not in ops:
+                        ops[c] = count_ops(calls_of[c])
+                for _ in range(calls):
+                    order = list(configs)
+                    rng.shuffle(order)  # no config always follows the same one (its cache / allocator state)
+                    for c in order:
+                        fn = calls_of[c]
+                        t0 = time.thread_time()
+                        fn()
+                        times[c].append((time.thread_time() - t0) * 1e6)
+            finally:
+                for undo in undos:
+                    undo()
+
+    def paired(c):  # per cycle, against the LoRA-disabled call of the same cycle
+        return statistics.median(a / b for a, b in zip(times[c], times["disabled"]))
+
     off = statistics.median(times["disabled"])
-
-    def paired(c):  # per round, against the LoRA-disabled call timed right before it: drifts cancel
-        return statistics.median(t / d for t, d in zip(times[c], times["disabled"]))
-
     peft_extra = paired("peft") - 1
     rows = []
     for c in configs:
         med, p20, p80 = _quantiles(times[c])
         ratio = paired(c)
         rows.append(dict(section="denoiser", pipeline=f"sd15 {size} {side}x{side} batch 2 ({n_lora} LoRA layers)",
-                         config=c, ops_per_call="", us=med, p20=p20, p80=p80, ratio=ratio,
+                         config=c, ops_per_call=ops[c], us=med, p20=p20, p80=p80, ratio=ratio,
                          extra_us=(ratio - 1) * off / n_lora,
                          extra_vs_peft=(ratio - 1) / peft_extra if peft_extra > 0 else float("nan")))
     return rows
@@ -222,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds (median over them)")
     parser.add_argument("--layer-calls", type=int, default=2000, help="layer calls timed per config and round")
-    parser.add_argument("--denoiser-calls", type=int, default=10, help="denoiser calls timed per config and round")
+    parser.add_argument("--denoiser-calls", type=int, default=10,
+                        help="denoiser call cycles (one call per config) per round")
     parser.add_argument("--pipelines", nargs="+", default=list(PIPELINES), choices=list(PIPELINES))
     parser.add_argument("--csv", type=Path, default=RESULTS / "overhead.csv", help="append rows here")
     parser.add_argument("--no-csv", action="store_true", help="print only")
@@ -242,10 +279,10 @@ def main(argv: list[str] | None = None) -> int:
     meta = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), commit=_git_commit(),
                 machine=machine, threads=1, other_cpu=f"{other:.2f}")
     print(f"1 thread, {args.rounds} interleaved rounds, other processes used {other:.0%} of the CPU")
-    print(f"{'section':9s} {'pipeline':38s} {'config':14s} {'ops':>4s} {'us/call':>9s} {'p20-p80':>17s} "
+    print(f"{'section':9s} {'pipeline':38s} {'config':14s} {'ops':>5s} {'us/call':>9s} {'p20-p80':>17s} "
           f"{'x base':>7s} {'extra/layer':>11s} {'of PEFT':>8s}")
     for r in rows:
-        print(f"{r['section']:9s} {r['pipeline']:38s} {r['config']:14s} {r['ops_per_call']!s:>4s} {r['us']:9.1f} "
+        print(f"{r['section']:9s} {r['pipeline']:38s} {r['config']:14s} {r['ops_per_call']!s:>5s} {r['us']:9.1f} "
               f"{r['p20']:8.1f}-{r['p80']:<8.1f} {r['ratio']:7.3f} {r['extra_us']:11.1f} {r['extra_vs_peft']:8.1%}")
     if not args.no_csv:
         new = not args.csv.exists()

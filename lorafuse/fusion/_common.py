@@ -160,13 +160,30 @@ class StaticSelectMethod(FusionMethod):
         self._onehot = torch.eye(2, dtype=torch.float32, device=device)
         self._step, self._num_steps, self._call = 0, None, 0
         self._last_official = [None] * L  # (subject?, tau) per layer in official mode
+        self._flags = None  # host copy of the gates' subject column after a host-side update
         self._S = self._update(0.0)
 
-    def _update(self, tau) -> torch.Tensor:
-        S = self.scale(write_tau(tau, self._tau, self.name))
-        t = self._den * S
-        torch.gt(self._num, t, out=self._gates[:, 0])  # scores are finite: le is the exact complement
-        torch.le(self._num, t, out=self._gates[:, 1])
+    def _update(self, tau) -> torch.Tensor | float:
+        """Gates of every layer at ``tau``: ``g_l = (1, 0)`` iff ``score_c / gamma > score_s S(tau)``
+        (fp64), else (0, 1); returns S(tau). A tensor tau stays on its device (no host sync). A float
+        tau (a CPU run: the host knows the timestep) is decided on the host with the same fp64 rule,
+        bit for bit (the scores' host copies, S by the same IEEE steps), and the device gates are
+        written only when some layer flips: most steps then cost one ``fill_`` and leave the gates
+        tensor untouched (its version counter tells readers nothing changed)."""
+        if isinstance(tau, torch.Tensor):
+            self._flags = None
+            S = self.scale(write_tau(tau, self._tau, self.name))
+            t = self._den * S
+            torch.gt(self._num, t, out=self._gates[:, 0])  # scores are finite: le is the exact complement
+            torch.le(self._num, t, out=self._gates[:, 1])
+            return S
+        write_tau(tau, self._tau, self.name)
+        self._tau_host = float(tau)
+        S = self.scale(self._tau_host)
+        flags = [n > d * S for n, d in zip(self._num_host, self._den_host)]
+        if flags != self._flags:
+            self._gates.copy_(torch.tensor([(1.0, 0.0) if f else (0.0, 1.0) for f in flags], dtype=torch.float32))
+            self._flags = flags
         return S
 
     def begin_step(self, progress: Progress) -> None:
@@ -216,8 +233,8 @@ class StaticSelectMethod(FusionMethod):
         ``time_scale`` 0-d) of the current step; None in official mode (tau changes per layer call)."""
         if self.tau_mode == "official" or not hasattr(self, "_gates"):
             return None
-        return Decision(self._gates, self._tau, {"subject_score": self._num, "style_score": self._den,
-                                                 "time_scale": self._S})
+        return Decision(self._gates, self._tau_now(), {"subject_score": self._num, "style_score": self._den,
+                                                       "time_scale": self._S})
 
     def last_decision(self, layer: int) -> Decision:
         """Gates (1, 2) and tau of the layer's last call; stats ``subject_score`` (score_c / gamma),
@@ -228,4 +245,8 @@ class StaticSelectMethod(FusionMethod):
             if subject is None:
                 return Decision(self._gates.new_zeros(1, 2), None, stats)
             return Decision(self._onehot[0 if subject else 1].reshape(1, 2), tau, dict(stats, time_scale=self.scale(tau)))
-        return Decision(self._gates[layer : layer + 1], self._tau, dict(stats, time_scale=self._S))
+        return Decision(self._gates[layer : layer + 1], self._tau_now(), dict(stats, time_scale=self._S))
+
+    def _tau_now(self):
+        """The step's tau: the host float of a host-side update (no tensor to copy), else the 0-d tensor."""
+        return self._tau_host if self._flags is not None else self._tau

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import struct
 import warnings
 import weakref
 from typing import Any
@@ -177,6 +178,32 @@ def _timestep_divisor(denoiser: nn.Module, scheduler) -> float:
     return float(n) if n else 1000.0
 
 
+def _f32(v: float) -> float:
+    """``v`` rounded to fp32 (round to nearest even), as a Python float."""
+    return _F32.unpack(_F32.pack(v))[0]
+
+
+_F32 = struct.Struct("f")
+
+
+def _progress_of(ts, divisor: float):
+    """(t0, tau) of a denoiser call's ``timestep``: t0 its first element in fp32, ``tau = clamp(1 -
+    t0 / divisor, 0, 1)`` computed in fp32. A device tensor stays on the device (no host sync: two
+    0-d tensors); a CPU tensor is read on the host and gives Python floats equal, bit for bit, to the
+    fp32 tensor ops (double rounding of one fp32 division or subtraction through fp64 is exact), so
+    the methods decide on the host without a dozen tiny aten ops per step. A Python number keeps
+    fp64 arithmetic."""
+    if not isinstance(ts, torch.Tensor):
+        t0 = float(ts)
+        return t0, min(1.0, max(0.0, 1.0 - t0 / divisor))
+    if ts.device.type == "cpu" and ts.numel():
+        t0 = _f32((ts if ts.numel() == 1 else ts.reshape(-1)[0]).item())
+        q = _f32(1.0 - _f32(t0 / _f32(divisor)))
+        return t0, (q if q != q else min(1.0, max(0.0, q)))  # NaN stays NaN, as clamp() keeps it
+    t0 = ts.reshape(-1)[0].to(torch.float32) if ts.numel() else ts.new_zeros((), dtype=torch.float32)
+    return t0, (1.0 - t0 / divisor).clamp(0.0, 1.0)
+
+
 def _real_weight(linear: nn.Module) -> torch.Tensor:
     """``linear.weight``, or under accelerate's sequential offload (weights on meta) the offloaded copy."""
     w = linear.weight
@@ -225,7 +252,7 @@ def _weight_key(w: torch.Tensor):
 class _Layer:
     __slots__ = (
         "index", "component", "path", "module", "base", "forward", "merge_guard", "cache", "ccache",
-        "install_weights", "stale_warned", "fp", "packed", "merged",
+        "install_weights", "stale_warned", "fp", "state", "packed", "merged",
     )
 
     def __init__(self, index, component, path, module):
@@ -241,6 +268,7 @@ class _Layer:
         self.install_weights = None
         self.stale_warned = False
         self.fp = None  # the state the last full check passed in (see FusionHandle._fingerprint)
+        self.state = None  # its LoRA modules and factor versions at the last run start (FusionHandle._state_key)
         self.packed = None  # fused path: the PackedLoRA of that state
         self.merged = False  # merged path: the layer runs F.linear on its merged weight
 
@@ -291,6 +319,7 @@ class FusionHandle:
         self._run_step = 0
         self._run_marker = None
         self._gates = GateLog(method, self._layers)  # the decisions of every layer call (gate_log)
+        self._log_add = None  # this denoiser call's recorder, add(layer_index) (GateLog.begin_call), or None
         self.guidance = None  # a lorafuse.guidance.GuidanceHandle when accelerate_fusion(guidance=...)
         self._unpatched: list[tuple[str, str]] = []  # (module path, why) of LoRA layers left on PEFT
         self._reload_watch = None  # (pipe, our load_lora_weights) while installed
@@ -582,24 +611,18 @@ class FusionHandle:
             if ts is None:
                 return None
             sched = h._live_scheduler(module)
-            div = h._timestep_divisor
-            if isinstance(ts, torch.Tensor):
-                t0 = ts.reshape(-1)[0].to(torch.float32) if ts.numel() else ts.new_zeros((), dtype=torch.float32)
-                tau = (1.0 - t0 / div).clamp(0.0, 1.0)
-            else:
-                t0 = float(ts)
-                tau = min(1.0, max(0.0, 1.0 - t0 / div))
+            t0, tau = _progress_of(ts, h._timestep_divisor)
             marker = getattr(sched, "timesteps", None) if sched is not None else None
-            if marker is not h._run_marker:  # set_timesteps() ran: a new sampling run
+            if marker is not h._run_marker or not h._started:  # set_timesteps() ran: a new sampling run
                 h._run_marker = marker
                 h._run_step = 0
                 h.method.reset()
+                h._check_states()
             num_steps = getattr(sched, "num_inference_steps", None) if sched is not None else None
             h.method.begin_step(Progress(tau=tau, step=h._run_step, num_steps=num_steps, timestep=ts))
             if h._merged is not None and not h._host_gates:  # rebuild the layers whose gates flipped
                 h._merged.step(h.method.step_decisions().gates)
-            if h.log_gates:
-                h._gates.begin_call(h.calls, t0, tau)
+            h._log_add = h._gates.begin_call(h.calls, t0, tau) if h.log_gates else None
             h._run_step += 1
             h.calls += 1
             h._started = True
@@ -666,38 +689,69 @@ class FusionHandle:
             else:
                 y = h.method.layer_forward(index, x, params["weight"], params.get("bias"), rec.packed,
                                            backend=h.backend)
-            if h.log_gates:
-                h._gates.record(index, h.calls - 1)
+            add = h._log_add
+            if add is not None:
+                add(index)
             return y
 
         return forward
 
     def _fingerprint(self, rec: _Layer, m, x):
-        """Everything the full check (:meth:`_check`) and the layer's packed / merged state depend on
-        that can change between calls, as a flat tuple compared by value (objects by id): when it
-        equals the one of the last full check, the call skips both. None (autograd enabled, an
-        adapter gone): check every call. Written for speed: it runs on every layer call."""
+        """What the full check (:meth:`_check`) and the layer's packed / merged state depend on and
+        diffusers / PEFT change between or inside denoiser calls, as a flat tuple compared by value:
+        adapters disabled / merged / active, train mode, the live scalings (diffusers scales them
+        inside the denoiser's forward), the base weight's identity and memory (moves, offload hooks)
+        and the input dtype. When it equals the one of the last full check, the call skips both.
+        The LoRA modules' identities and the factors' version counters are checked once per sampling
+        run instead (:meth:`_check_states`, which clears ``rec.fp`` on a change). None (autograd
+        enabled, an adapter's scaling gone): check every call. Written for speed: it runs on every
+        layer call and reads only what the layer's own forward touches anyway (inside a denoiser
+        call the interpreter's caches are cold: every other object read costs ~0.5-1 us)."""
         if torch.is_grad_enabled():
             return None
-        s, t = self.subject, self.style
-        la, lb, sc = m._modules["lora_A"]._modules, m._modules["lora_B"]._modules, m.scaling
+        sc = m.scaling
         try:
-            a_s, b_s, a_t, b_t, c_s, c_t = la[s], lb[s], la[t], lb[t], sc[s], sc[t]
+            c_s, c_t = sc[self.subject], sc[self.style]
+        except KeyError:
+            return None
+        if type(c_s) is not float or type(c_t) is not float:  # 0-d tensor scalings: by identity and version
+            c_s, c_t = _scale_key(c_s), _scale_key(c_t)
+        w = rec.base._parameters.get("weight")
+        active = m._active_adapter
+        return (m._disable_adapters, len(m.merged_adapters), tuple(active) if type(active) is list else active,
+                m.training, c_s, c_t, x.dtype, id(w), w.data_ptr() if w is not None else None)
+
+    def _state_key(self, rec: _Layer):
+        """The rest of a layer's state the packed / merged state depend on: the identities of the
+        bias and the LoRA modules, the base dtype and the LoRA factors' version counters (in-place
+        writes; objects by id). None: an adapter or the weight is gone."""
+        m = rec.module
+        s, t = self.subject, self.style
+        la, lb = m._modules["lora_A"]._modules, m._modules["lora_B"]._modules
+        try:
+            a_s, b_s, a_t, b_t = la[s], lb[s], la[t], lb[t]
         except KeyError:
             return None
         params = rec.base._parameters
         w = params.get("weight")
         if w is None:
             return None
-        if type(c_s) is not float or type(c_t) is not float:  # 0-d tensor scalings: by identity and version
-            c_s, c_t = _scale_key(c_s), _scale_key(c_t)
-        active = m._active_adapter
         return (
-            m._disable_adapters, len(m.merged_adapters), tuple(active) if type(active) is list else active,
-            m.training, x.dtype, x.device, c_s, c_t, id(w), w.data_ptr(), w.dtype, id(params.get("bias")),
-            id(a_s), id(b_s), id(a_t), id(b_t), a_s._parameters["weight"]._version,
-            b_s._parameters["weight"]._version, a_t._parameters["weight"]._version, b_t._parameters["weight"]._version,
+            w.dtype, id(params.get("bias")), id(a_s), id(b_s), id(a_t), id(b_t),
+            a_s._parameters["weight"]._version, b_s._parameters["weight"]._version,
+            a_t._parameters["weight"]._version, b_t._parameters["weight"]._version,
         )
+
+    def _check_states(self) -> None:
+        """At the first denoiser call of each sampling run (pre-hook): every layer whose state key
+        changed since the last check gets a full check at its next call (``rec.fp`` cleared). Once
+        per run, not per call: it reads every layer's LoRA modules, which costs ~20 us per layer
+        with the caches a denoiser call leaves behind."""
+        for rec in self._layers:
+            key = self._state_key(rec)
+            if key is None or key != rec.state:
+                rec.state = key
+                rec.fp = None
 
     def _prepare_layer(self, rec: _Layer, m, x) -> None:
         """After a passed full check: put the layer on the merged path (building its weight unless
@@ -735,8 +789,7 @@ class FusionHandle:
         _leave_merged(self)
         y = fused_lora_linear(x, rec.base.weight, rec.base.bias, self._packed(rec, m, x), gates=row,
                               backend=self.backend)
-        if self.log_gates:
-            self._gates.record(rec.index, self.calls - 1)
+        self._log(rec.index)
         return y
 
     def _hand_back(self, rec: _Layer) -> None:
@@ -832,9 +885,14 @@ class FusionHandle:
         from .replay import peft_forward_with_gates
 
         y = peft_forward_with_gates(m, x, gates, (self.subject, self.style), *args, **kwargs)
-        if self.log_gates:
-            self._gates.record(rec.index, self.calls - 1)
+        self._log(rec.index)
         return y
+
+    def _log(self, index: int) -> None:
+        """Record layer ``index``'s decision of this call in the gate log (when logging)."""
+        add = self._log_add
+        if add is not None:
+            add(index)
 
     def _fallback(self, reason: str, gated: bool = False) -> None:
         self.fallbacks[reason] = self.fallbacks.get(reason, 0) + 1

@@ -2,13 +2,16 @@
 device without host syncs and converted to Python only when read.
 
 Methods that decide once per denoiser call (:meth:`FusionMethod.step_decisions`: K-LoRA, EST, merge)
-are logged from one snapshot per call; the others (KL, official tau) from one cloned
-:class:`~lorafuse.fusion.base.Decision` per layer call. At each new denoiser call the pending records
-are stacked into one tensor per field (bounded memory, one host copy per field when read).
+are logged from one snapshot per call (fields not written since the last snapshot are shared, not
+copied) and the list of layers that called; the rows are gathered when the log is read. The others
+(KL, official tau) are logged from one cloned :class:`~lorafuse.fusion.base.Decision` per layer call,
+stacked into one tensor per field at the next denoiser call (bounded memory, one host copy per field
+when read).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -24,71 +27,110 @@ class GateLog:
         self.layers = layers
         self._call_info: dict[int, tuple[Any, Any]] = {}  # call -> (timestep (0-d), tau)
         self._raw_log: list[tuple] = []  # (layer, call, gates, stats, tau) of the current call, device tensors
-        # methods that decide once per step (StaticSelectMethod, ConstantGates): one snapshot per call
-        self._snapshots: dict[int, Any] = {}  # call -> Decision of every layer (cloned), or None
-        self._light_log: list[tuple[int, int]] = []  # (layer, call) whose decision is in _snapshots
-        self._batches: list[tuple] = []  # _raw_log of finished calls, stacked per field
+        # methods that decide once per step (StaticSelectMethod, ConstantGates): the current call's
+        # (call, snapshot of every layer's Decision, [layers recorded]); None before its first record
+        self._step: tuple[int, Any, list[int]] | None = None
+        self._clones: dict[str, tuple] = {}  # field -> (source, its memory_key, copy): unchanged, not copied again
+        self._batches: list[tuple] = []  # finished calls: _raw_log stacked per field, or _step tuples
         self._log: list[dict] = []
 
-    def begin_call(self, call: int, timestep, tau) -> None:
-        """A new denoiser call: stack the previous call's records and remember this one's timestep."""
+    def begin_call(self, call: int, timestep, tau):
+        """A new denoiser call: stack the previous call's records, remember this one's timestep and
+        return its recorder, ``add(layer_index)``. For a per-step method (its decisions are fixed
+        once :meth:`~lorafuse.fusion.base.FusionMethod.begin_step` ran) the call's snapshot is taken
+        now and ``add`` is the bound ``append`` of the call's index list: the cheapest thing a layer
+        call can do. Otherwise ``add`` is :meth:`record` for this call."""
         self._compact()
         self._call_info[call] = (timestep, tau)
+        d = self.method.step_decisions()
+        if d is None:
+            return functools.partial(self._record_in, call)
+        self._step = (call, self._snapshot(d), [])
+        return self._step[2].append
+
+    def _record_in(self, call: int, index: int) -> None:
+        self.record(index, call)
 
     def entries(self) -> list[dict]:
         """The log as dicts (converted lazily; the same list grows with later calls)."""
-        if self._raw_log or self._light_log or self._batches:
+        if self._raw_log or (self._step is not None and self._step[2]) or self._batches:
             self._flush()
         return self._log
 
     def clear(self) -> None:
         self._raw_log.clear()
-        self._light_log.clear()
-        self._snapshots.clear()
+        if self._step is not None:
+            self._step[2].clear()  # the open call's recorder keeps working
+        self._clones.clear()
         self._batches.clear()
         self._log.clear()
         self._call_info.clear()
 
     def record(self, index: int, call: int) -> None:
         """Layer ``index`` made its decision for denoiser call ``call``: keep it (device copies at
-        most, no host sync)."""
-        if call not in self._snapshots:  # first record of this call: can the whole step be copied at once?
+        most, no host sync; for per-step methods one index, the call's snapshot taken at its first
+        record)."""
+        step = self._step
+        if step is None or step[0] != call:  # first record of this call: can the whole step be copied at once?
+            self._end_step()
             d = self.method.step_decisions()
-            self._snapshots[call] = None if d is None else _clone_decision(d)
-        if self._snapshots[call] is not None:
-            self._light_log.append((index, call))
+            step = self._step = (call, None if d is None else self._snapshot(d), [])
+        if step[1] is not None:
+            step[2].append(index)
             return
         d = _clone_decision(self.method.last_decision(index))
         self._raw_log.append((index, call, d.gates, d.stats, d.tau))
 
-    def _expand_light(self) -> list[tuple]:
-        """The (layer, call) records of per-step methods as batches like :meth:`_compact`'s: each
-        field gathered from the call's snapshot (a few device ops per call, none per layer)."""
-        by_call: dict[int, list[int]] = {}
-        for index, call in self._light_log:
-            by_call.setdefault(call, []).append(index)
-        self._light_log = []
-        batches = []
-        for call, idx in by_call.items():
-            d = self._snapshots.pop(call)
-            n = len(idx)
-            rows = torch.tensor(idx, device=d.gates.device)
+    def _snapshot(self, d):
+        """A copy of a step's decisions that later steps cannot change. A field whose tensor was not
+        written since the last snapshot (the same live memory, the same version counter: constant
+        scores, gates that did not flip) shares the previous copy instead of being copied again."""
+        from ..fusion.base import Decision
 
-            def per_layer(v):
-                if not isinstance(v, torch.Tensor):
-                    return [v] * n
-                return v.index_select(0, rows) if v.dim() == 1 else v.reshape(()).expand(n)
+        return Decision(self._keep("gates", d.gates), self._keep("tau", d.tau),
+                        {k: self._keep("stats." + k, v) for k, v in (d.stats or {}).items()})
 
-            batches.append((idx, [call] * n, d.gates.index_select(0, rows).unsqueeze(1),
-                            {k: per_layer(v) for k, v in d.stats.items()}, per_layer(d.tau)))
-        return batches
+    def _keep(self, field: str, v):
+        if not isinstance(v, torch.Tensor):
+            return v
+        key = memory_key(v)
+        old = self._clones.get(field)
+        if old is not None and old[1] == key:  # old[0] keeps the source alive: its address is still its own
+            return old[2]
+        copy = v.detach().clone()
+        self._clones[field] = (v, key, copy)
+        return copy
+
+    def _end_step(self) -> None:
+        """The current per-step call's records so far become a batch, expanded only when the log is
+        read (:meth:`_expand_step`): no device op per denoiser call. The call stays open: its index
+        list is emptied in place, so its recorder (``begin_call``'s ``add``) keeps working."""
+        step = self._step
+        if step is not None and step[1] is not None and step[2]:
+            self._batches.append((step[0], step[1], list(step[2])))
+            step[2].clear()
+
+    @staticmethod
+    def _expand_step(step) -> tuple:
+        """A per-step call's records as a batch like :meth:`_compact`'s: each field gathered from the
+        call's snapshot."""
+        call, d, idx = step
+        n = len(idx)
+        rows = torch.tensor(idx, device=d.gates.device)
+
+        def per_layer(v):
+            if not isinstance(v, torch.Tensor):
+                return [v] * n
+            return v.index_select(0, rows) if v.dim() == 1 else v.reshape(()).expand(n)
+
+        return (idx, [call] * n, d.gates.index_select(0, rows).unsqueeze(1),
+                {k: per_layer(v) for k, v in d.stats.items()}, per_layer(d.tau))
 
     def _compact(self) -> None:
-        """Stack the pending per-layer records of one denoiser call into one tensor per field (device
-        ops only, no sync): bounded memory and one host copy per field when the log is read."""
-        if self._light_log:
-            self._batches.extend(self._expand_light())
-        self._snapshots.clear()  # a later record of the current call takes a new snapshot
+        """Close the current call: per-step records become a lazy batch; per-layer records are stacked
+        into one tensor per field (device ops only, no sync): bounded memory and one host copy per
+        field when the log is read."""
+        self._end_step()
         pend = self._raw_log
         if not pend:
             return
@@ -118,7 +160,8 @@ class GateLog:
                 return [r.item() if r.numel() == 1 else r.tolist() for r in v] if n else []
             return [_to_py(x) for x in v]
 
-        for idx, calls, gates, stats, taus in self._batches:
+        for batch in self._batches:
+            idx, calls, gates, stats, taus = batch if len(batch) == 5 else self._expand_step(batch)
             n = len(idx)
             g_rows = [torch.as_tensor(g).float().reshape(-1, 2) for g in
                       (gates.detach().cpu().unbind(0) if isinstance(gates, torch.Tensor) else gates)]
@@ -164,6 +207,12 @@ def _clone_decision(d):
 
     gates = copy(d.gates) if isinstance(d.gates, torch.Tensor) else torch.as_tensor(d.gates)
     return Decision(gates, copy(d.tau), {k: copy(v) for k, v in (d.stats or {}).items()})
+
+
+def memory_key(t: torch.Tensor) -> tuple:
+    """What identifies a tensor's current contents while the tensor is alive: its memory, layout and
+    version counter (bumped by every in-place write, views included)."""
+    return t.data_ptr(), t._version, t.shape, t.stride(), t.dtype, t.device
 
 
 def _to_py(v):

@@ -27,6 +27,7 @@ import torch
 
 from ..kernels.merge_weight import MergeTable, merge_flipped_weights, merge_lora_weight
 from ..kernels.packing import PackedLoRA
+from .gate_log import memory_key
 
 WEIGHT_MODES = ("scratch", "inplace", "off")
 
@@ -66,6 +67,11 @@ class MergedWeights:
         self.applied: torch.Tensor | None = None  # (layers, 2) fp32: gates each dst was built with (NaN: none)
         self.table: MergeTable | None = None  # grouped Triton rebuild (scratch mode on a Triton backend)
         self._host: set[int] = set()  # valid layers with device-side gates that step() rebuilds one by one
+        # the gates step() last synced the layers to (kept alive, so its address stays its own) and their
+        # memory key: a step whose gates were not written since (a host-decided step without flips,
+        # constant gates) has nothing to rebuild
+        self._seen_gates: torch.Tensor | None = None
+        self._seen = None
 
     def current(self, i: int, weight: torch.Tensor, pack_key) -> bool:
         """Whether layer i holds a merged weight built from this weight and these factors."""
@@ -132,6 +138,10 @@ class MergedWeights:
         is read on the host (free on a CPU) and the flipped layers are rebuilt one by one."""
         if self.applied is None:
             return
+        seen = memory_key(gates)
+        if seen == self._seen:
+            return
+        self._seen, self._seen_gates = seen, gates
         if self.table is not None and self.table.device == gates.device:
             self._host_step(gates)
             merge_flipped_weights(self.table, gates, self.applied, backend="triton")  # also applied <- gates
@@ -180,4 +190,5 @@ class MergedWeights:
             self._write_back(i, None if weights is None else weights[i])
         self.layers = [_State() for _ in self.layers]
         self.applied = self.table = None
+        self._seen = self._seen_gates = None
         self._host.clear()
