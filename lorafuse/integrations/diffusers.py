@@ -44,6 +44,10 @@ _NOT_STARTED = "called outside a denoiser call (no timestep yet)"
 _DELETED = "adapter deleted from the layer"
 _ADAPTERS_CHANGED = "not exactly the two fused adapters active (set_adapters changed)"
 _USERS_CHOICE = (_DISABLED, _MERGED, _MIXED_BATCH, _NOT_STARTED, _DELETED, _ADAPTERS_CHANGED)
+# diffusers' enable_layerwise_casting: the base weight is stored in another dtype and cast for each
+# call; the fused path then runs on a cast copy (what the hook computes with), not PEFT's forward
+_CAST = "layerwise casting (fused path on the weight cast to the compute dtype)"
+_CAST_HOOK = "layerwise_casting"  # diffusers' HookRegistry name of that hook
 _SILENT = (_DISABLED,)  # the base layer is what PEFT gives: no warning
 _MISSING = object()
 
@@ -216,6 +220,33 @@ def _leave_merged(h):
         h._merged = None
         for rec in h._layers:
             rec.fp = None
+
+
+def _casts_to(base: nn.Module, dtype: torch.dtype) -> bool:
+    """True when diffusers' layerwise casting hook casts ``base``'s weights to ``dtype`` for each call."""
+    registry = getattr(base, "_diffusers_hook", None)
+    hook = getattr(registry, "hooks", {}).get(_CAST_HOOK) if registry is not None else None
+    return hook is not None and getattr(hook, "compute_dtype", None) == dtype
+
+
+def _decide_and_select(method, m, x, names, layer, args, kwargs):
+    """A dynamic method's decision for one call of PEFT layer ``m`` (linear or conv) outside the
+    fused kernel: PEFT's pieces (:func:`~lorafuse.integrations.replay.peft_adapter_outputs`) give the
+    per-sample statistics (output channels as the softmax axis: the last axis of a linear's output,
+    axis 1 of a conv's), ``method.decide_from_outputs`` decides with the method's own rule (kept as
+    layer ``layer``'s decision unless None), and each sample gets its selected adapter's output."""
+    from .replay import peft_adapter_outputs, select_per_sample
+
+    f0, ys, ds = peft_adapter_outputs(m, x, names, *args, **kwargs)
+    G = f0.shape[0] if f0.dim() >= 2 else 1
+    if G == 0 or f0.numel() == 0:
+        return ys[0]
+    if isinstance(m.get_base_layer(), nn.modules.conv._ConvNd) and f0.dim() >= 3:
+        f0c, dc, dsty = (t.movedim(1, -1) for t in (f0, *ds))
+    else:
+        f0c, dc, dsty = f0, ds[0], ds[1]
+    gates, _ = method.decide_from_outputs(f0c, dc, dsty, G, layer=layer)
+    return select_per_sample(gates.to(f0.device), ys)
 
 
 def _weight_key(w: torch.Tensor):
@@ -796,8 +827,9 @@ class FusionHandle:
             return "weights on meta or another device (offload)"
         if x.dtype not in _KERNEL_DTYPES:
             return f"unsupported compute dtype {x.dtype}"
-        if w.dtype != x.dtype or (base.bias is not None and base.bias.dtype != x.dtype):
-            return "storage dtype differs from compute dtype (layerwise casting)"
+        cast = w.dtype != x.dtype or (base.bias is not None and base.bias.dtype != x.dtype)
+        if cast and not _casts_to(base, x.dtype):
+            return "storage dtype differs from compute dtype"
         A_s, B_s, A_t, B_t = m.lora_A[s].weight, m.lora_B[s].weight, m.lora_A[t].weight, m.lora_B[t].weight
         if A_s.device != dev or B_s.device != dev or A_t.device != dev or B_t.device != dev:
             return "weights on meta or another device (offload)"
@@ -811,27 +843,57 @@ class FusionHandle:
             or w.requires_grad
         ):
             return "autograd enabled with trainable weights"
-        return None
+        return _CAST if cast else None
 
     def _fallback_forward(self, rec: _Layer, m, reason: str, x, args, kwargs):
-        """PEFT's own forward for a call the fused / merged path cannot take. Unless the user's own
-        PEFT state decides (adapters disabled, merged, changed, ...), PEFT runs with this call's
-        gates of the method (only the selected adapter active, or scalings times merge weights): the
-        fallback changes speed, not the result. Input-dependent methods (kl) cannot decide without
-        the fused kernel's statistics: PEFT's sum of both adapters, reported as such."""
+        """A call the fused / merged path cannot take as it is. Unless the user's own PEFT state
+        decides (adapters disabled, merged, changed, ...: PEFT's forward as it is), the result is the
+        method's, only slower:
+
+        - layerwise casting (diffusers' ``enable_layerwise_casting``): the method's fused path on the
+          base weight cast to the compute dtype, as the cast hook would compute with (not warned);
+        - methods with per-call gates (klora, est, merge, ...): PEFT's forward with this call's
+          gates (only the selected adapter active, or scalings times merge weights);
+        - kl: the same per-sample decision from PEFT's own pieces (base output, each adapter's
+          perturbation; :meth:`KLDynamic.decide_from_outputs`), then per sample the selected
+          adapter's PEFT output (exact for DoRA), logged as the layer's decision;
+        - a method with neither: PEFT's sum of both adapters, reported as such."""
+        if reason == _CAST:
+            return self._cast_forward(rec, m, x)
         gates = None
+        dynamic = False
         if reason not in _USERS_CHOICE:
             picked = self.method.layer_gates(rec.index)
             if picked is not None:
                 gates = picked[0].tolist()  # host copy: one sync on CUDA, in a fallback only
+            elif hasattr(self.method, "decide_from_outputs"):
+                dynamic = True
             else:
                 reason += " (the method gives no per-call gates outside its fused kernel: PEFT's sum of both adapters)"
-        self._fallback(reason, gated=gates is not None)
-        if gates is None:
+        self._fallback(reason, gated=gates is not None or dynamic)
+        if dynamic:
+            y = _decide_and_select(self.method, m, x, (self.subject, self.style), rec.index, args, kwargs)
+        elif gates is None:
             return type(m).forward(m, x, *args, **kwargs)
-        from .replay import peft_forward_with_gates
+        else:
+            from .replay import peft_forward_with_gates
 
-        y = peft_forward_with_gates(m, x, gates, (self.subject, self.style), *args, **kwargs)
+            y = peft_forward_with_gates(m, x, gates, (self.subject, self.style), *args, **kwargs)
+        if self.log_gates:
+            self._gates.record(rec.index, self.calls - 1)
+        return y
+
+    def _cast_forward(self, rec: _Layer, m, x):
+        """Layerwise casting: the method's own path on the base weight and bias cast to x's dtype (a
+        transient copy per call, as diffusers' hook makes); counted in :attr:`fallbacks`, logged once."""
+        self.fallbacks[_CAST] = self.fallbacks.get(_CAST, 0) + 1
+        if _CAST not in self._warned:
+            self._warned.add(_CAST)
+            _log.info("lorafuse: %s", _CAST)
+        base = m.get_base_layer()
+        bias = base.bias.to(x.dtype) if base.bias is not None else None
+        y = self.method.layer_forward(rec.index, x, base.weight.to(x.dtype), bias, self._packed(rec, m, x),
+                                      backend=self.backend)
         if self.log_gates:
             self._gates.record(rec.index, self.calls - 1)
         return y
