@@ -229,6 +229,22 @@ def _casts_to(base: nn.Module, dtype: torch.dtype) -> bool:
     return hook is not None and getattr(hook, "compute_dtype", None) == dtype
 
 
+def _diffusers_slot(m: nn.Module):
+    """``(fn_ref, attribute)`` holding the innermost forward of diffusers' hook chain on layer ``m``
+    (``enable_layerwise_casting`` wraps PEFT layers in one) when that is still the layer's own class
+    forward, else None."""
+    registry = m.__dict__.get("_diffusers_hook")
+    refs = getattr(registry, "_fn_refs", None)
+    if not refs:
+        return None
+    ref = refs[0]
+    attr = "original_forward" if getattr(ref, "original_forward", None) is not None else "forward"
+    f = getattr(ref, attr, None)
+    if getattr(f, "__func__", None) is type(m).forward and getattr(f, "__self__", None) is m:
+        return ref, attr
+    return None
+
+
 def _decide_and_select(method, m, x, names, layer, args, kwargs):
     """A dynamic method's decision for one call of PEFT layer ``m`` (linear or conv) outside the
     fused kernel: PEFT's pieces (:func:`~lorafuse.integrations.replay.peft_adapter_outputs`) give the
@@ -327,6 +343,7 @@ class FusionHandle:
         self._reload_watch = None  # (pipe, our load_lora_weights) while installed
         self.progress = False  # a progress bar for the method's preparation (accelerate_fusion(progress=...))
         self._te_scaled: list[tuple[Any, str, Any, Any]] = []  # (text-encoder layer, adapter, saved, ours)
+        self._hook_slots: list[tuple[Any, str, Any, Any]] = []  # (diffusers hook fn ref, attribute, saved, ours)
 
     # ---------------- public ----------------
     @property
@@ -392,6 +409,7 @@ class FusionHandle:
                 del m.__dict__["forward"]
             elif getattr(m, "_old_forward", None) is rec.forward:  # an accelerate hook was added on top
                 m._old_forward = type(m).forward.__get__(m)
+        self._unhook_diffusers()
         for m, saved, ours in self._activated:
             if m.__dict__.get("_active_adapter") is ours:
                 if saved is _MISSING:
@@ -406,6 +424,20 @@ class FusionHandle:
         for _, d in self._denoisers:
             if d.__dict__.get(_HANDLE_ATTR) is self:
                 del d.__dict__[_HANDLE_ATTR]
+
+    def _unhook_diffusers(self) -> None:
+        """Take our forwards out of diffusers' hook chains: where :meth:`_install` put them, and where a
+        hook added after installation (``enable_layerwise_casting``) wrapped them."""
+        for ref, attr, saved, ours in self._hook_slots:
+            if getattr(ref, attr, None) is ours:
+                setattr(ref, attr, saved)
+        self._hook_slots.clear()
+        for rec in self._layers:
+            registry = rec.module.__dict__.get("_diffusers_hook")
+            for ref in getattr(registry, "_fn_refs", None) or ():
+                for attr in ("original_forward", "forward"):
+                    if rec.forward is not None and getattr(ref, attr, None) is rec.forward:
+                        setattr(ref, attr, type(rec.module).forward.__get__(rec.module))
 
     @contextlib.contextmanager
     def suspended(self):
@@ -471,12 +503,18 @@ class FusionHandle:
             if isinstance(w, torch.Tensor) and not w.is_meta and w.dtype in _KERNEL_DTYPES and (
                     m.lora_A[s].weight.device == w.device):
                 self._packed(rec, m, w)  # pack once now (a compiled graph then finds it)
-            if "forward" in m.__dict__:
+            slot = _diffusers_slot(m) if "forward" in m.__dict__ else None
+            if "forward" in m.__dict__ and slot is None:
                 self._warn_once("layer already has an instance forward (another hook): left on PEFT")
                 self._unpatched.append((f"{rec.component}.{rec.path}", "already has an instance forward (another hook)"))
                 continue
             rec.forward = self._make_forward(rec)
-            m.forward = rec.forward
+            if slot is None:
+                m.forward = rec.forward
+            else:  # diffusers' hooks (enable_layerwise_casting) wrap the layer: ours goes innermost
+                ref, attr = slot
+                self._hook_slots.append((ref, attr, getattr(ref, attr), rec.forward))
+                setattr(ref, attr, rec.forward)
             if self._merged is not None and self._merged.mode == "inplace" and "merge" not in m.__dict__:
                 rec.merge_guard = self._make_merge_guard(rec)
                 m.merge = rec.merge_guard

@@ -100,3 +100,34 @@ def test_kl_fallback_keeps_the_decision_offload_and_dora():
     assert len(msgs) == 1 and "DoRA" in msgs[0] and len(log) == h.num_layers
     assert len({tuple(e["subject"]) for e in log}) > 1
     assert close(out, replay(pipe, log, 1)) and not close(out, peft_sum)
+
+
+def test_layerwise_casting_keeps_the_method_before_and_after_install(caplog):
+    """enable_layerwise_casting (fp8 storage) after accelerate_fusion, and before it (the PEFT layers
+    then carry diffusers' hooks: ours goes innermost in the chain): the fused path on the cast
+    weight, no warning, equal to a PEFT replay of the log under the same casting; remove() takes our
+    forwards out of the hook chains."""
+    pipe = mixed_pair()
+    peft_layers_ = [m for m in pipe.unet.modules() if hasattr(m, "lora_A") and "sbj" in m.lora_A]
+    h = accelerate_fusion(pipe, "sbj", "sty", "klora", backend="torch")
+    pipe.unet.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    assert peft_layers_[0].base_layer.weight.dtype == torch.float8_e4m3fn
+    pipe.set_adapters(["sbj", "sty"])
+    after, msgs = quiet_run(pipe, 1)
+    assert msgs == [] and sum(h.fallbacks.values()) == h.num_layers
+    h.remove()
+    for m in peft_layers_:  # nothing of ours left in the chain: the class forward again
+        ref = m._diffusers_hook._fn_refs[0]
+        assert ref.original_forward.__func__ is type(m).forward
+    peft_sum = run(pipe, "sd15", 1)
+    with caplog.at_level("INFO", logger="lorafuse"):
+        h = accelerate_fusion(pipe, "sbj", "sty", "klora", backend="torch")
+        before, msgs = quiet_run(pipe, 1)
+    log = h.gate_log
+    assert msgs == [] and h.summary()["unpatched"] == {} and h.summary()["layers"] == len(peft_layers_)
+    assert set(h.fallbacks) == {"layerwise casting (fused path on the weight cast to the compute dtype)"}
+    assert len(log) == h.num_layers and {e["subject"] for e in log} == {0.0, 1.0}
+    assert any("layerwise casting" in r.message for r in caplog.records)
+    h.remove()
+    assert torch.equal(before, after)
+    assert close(before, replay(pipe, log, 1)) and not close(before, peft_sum)
