@@ -48,6 +48,7 @@ _USERS_CHOICE = (_DISABLED, _MERGED, _MIXED_BATCH, _NOT_STARTED, _DELETED, _ADAP
 # call; the fused path then runs on a cast copy (what the hook computes with), not PEFT's forward
 _CAST = "layerwise casting (fused path on the weight cast to the compute dtype)"
 _CAST_HOOK = "layerwise_casting"  # diffusers' HookRegistry name of that hook
+COVERAGES = ("method", "peft")  # accelerate_fusion(coverage=...)
 _SILENT = (_DISABLED,)  # the base layer is what PEFT gives: no warning
 _MISSING = object()
 
@@ -245,6 +246,15 @@ def _diffusers_slot(m: nn.Module):
     return None
 
 
+def _flat_conv_lora(m, a):
+    """Adapter ``a`` of conv LoRA layer ``m`` as a linear one: (A (r, C_in kh kw), B (C_out, r), scale),
+    dW = scale B A the conv kernel flattened; None when B is not a 1x1 kernel (no such factorization)."""
+    A, B = _real_weight(m.lora_A[a]), _real_weight(m.lora_B[a])
+    if B.dim() > 2 and any(k != 1 for k in B.shape[2:]):
+        return None
+    return A.reshape(A.shape[0], -1), B.reshape(B.shape[0], -1), m.scaling[a]
+
+
 def _decide_and_select(method, m, x, names, layer, args, kwargs):
     """A dynamic method's decision for one call of PEFT layer ``m`` (linear or conv) outside the
     fused kernel: PEFT's pieces (:func:`~lorafuse.integrations.replay.peft_adapter_outputs`) give the
@@ -344,6 +354,9 @@ class FusionHandle:
         self.progress = False  # a progress bar for the method's preparation (accelerate_fusion(progress=...))
         self._te_scaled: list[tuple[Any, str, Any, Any]] = []  # (text-encoder layer, adapter, saved, ours)
         self._hook_slots: list[tuple[Any, str, Any, Any]] = []  # (diffusers hook fn ref, attribute, saved, ours)
+        self.coverage = "method"  # accelerate_fusion(coverage=...): LoRA layers the kernels do not patch
+        self._covered: list[tuple[Any, Any]] = []  # (unpatched layer, the forward that applies the method's rule)
+        self._rule_paths: set[str] = set()  # unpatched layers that follow the method's rule (see _cover)
 
     # ---------------- public ----------------
     @property
@@ -410,6 +423,10 @@ class FusionHandle:
             elif getattr(m, "_old_forward", None) is rec.forward:  # an accelerate hook was added on top
                 m._old_forward = type(m).forward.__get__(m)
         self._unhook_diffusers()
+        for m, fwd in self._covered:
+            if m.__dict__.get("forward") is fwd:
+                del m.__dict__["forward"]
+        self._covered.clear()
         for m, saved, ours in self._activated:
             if m.__dict__.get("_active_adapter") is ours:
                 if saved is _MISSING:
@@ -482,10 +499,12 @@ class FusionHandle:
                 "pipe.fuse_lora()): the method cannot select between them; call pipe.unfuse_lora() first"
             )
         patched = {id(e[4]) for e in entries}
+        uncovered = []
         for comp, d in self._denoisers:
             for path, mod in _adapter_layers(_unwrap(d), (s, t)):
                 if id(mod) not in patched:
                     self._unpatched.append((f"{comp}.{path}", _why_unpatched(mod, s, t)))
+                    uncovered.append((f"{comp}.{path}", mod))
         for comp, d in self._denoisers:  # activate both adapters everywhere in the denoiser, remember state
             for _, mod in d.named_modules():
                 if isinstance(mod, LoraLayer) and (s in getattr(mod, "lora_A", {}) or t in getattr(mod, "lora_A", {})):
@@ -518,10 +537,99 @@ class FusionHandle:
             if self._merged is not None and self._merged.mode == "inplace" and "merge" not in m.__dict__:
                 rec.merge_guard = self._make_merge_guard(rec)
                 m.merge = rec.merge_guard
+        self._cover(uncovered)
         for comp, d in self._denoisers:
             pos = _timestep_position(_unwrap(d))
             self._hooks.append(d.register_forward_pre_hook(self._make_pre_hook(pos), with_kwargs=True))
             d.__dict__[_HANDLE_ATTR] = self
+
+    def _cover(self, uncovered) -> None:
+        """Apply the coverage policy to the two adapters' LoRA layers the kernels do not patch (conv
+        LoRAs: SD1.5's 1x1 ``proj_in``/``proj_out``, kohya LoCon; layers only one adapter targets).
+
+        ``coverage="peft"``: left as they are, PEFT's sum of the active adapters (the official K-LoRA
+        code applies no LoRA outside the attention linears it patches; for those it does not patch,
+        plain loading gives this sum). ``coverage="method"`` (default): the method's rule, through
+        PEFT's own forward of the layer (exact for DoRA):
+
+        - constant gates (merge, subject, style): PEFT with each adapter's scaling times its weight,
+          as ``set_adapters([subject, style], [w_c, w_s])`` does on every layer;
+        - klora / est (static selection), conv layers with both adapters: the layer's own scores
+          from its flattened deltas (A (r, C_in kh kw), B (C_out, r) when B is 1x1), the installed
+          gamma and this step's S(tau): one adapter per step, as on the patched layers;
+        - kl, conv layers with both adapters: the per-sample KL rule on the layer's PEFT outputs,
+          output channels as the softmax axis and every pixel a token;
+        - a layer only one adapter targets, under a selecting method (klora, est, kl): the rule
+          with the absent adapter's delta 0 selects the present one, i.e. PEFT's forward as it is;
+        - anything else (a method with no rule outside its prepared layers, a conv B that is not
+          1x1, a layer another hook already wraps): PEFT's sum, reported as such.
+
+        These layers are not in the gate log (it is indexed by the method's layers)."""
+        from ..fusion._common import StaticSelectMethod
+        from ..fusion.merge import ConstantGates
+
+        s, t = self.subject, self.style
+        method = self.method
+        selecting = isinstance(method, StaticSelectMethod) or hasattr(method, "decide_from_outputs")
+        for path, m in uncovered:
+            if self.coverage != "method":
+                continue
+            both = s in m.lora_A and t in m.lora_A
+            rule = None
+            if isinstance(method, ConstantGates):
+                rule = ("gates", tuple(method._weights))
+            elif not both and selecting:
+                self._rule_paths.add(path)  # the present adapter acts: PEFT's forward as it is
+                continue
+            elif both and isinstance(method, StaticSelectMethod):
+                pair = [_flat_conv_lora(m, a) for a in (s, t)]
+                if None not in pair:
+                    rule = ("static", method.layer_scores(*pair))
+            elif both and hasattr(method, "decide_from_outputs"):
+                rule = ("dynamic", None)
+            if rule is None:
+                continue
+            fwd = self._make_cover_forward(m, rule)
+            if "forward" not in m.__dict__:
+                m.forward = fwd
+            else:
+                slot = _diffusers_slot(m)
+                if slot is None:
+                    continue  # another hook owns the layer's forward: PEFT's sum
+                ref, attr = slot
+                self._hook_slots.append((ref, attr, getattr(ref, attr), fwd))
+                setattr(ref, attr, fwd)
+            self._covered.append((m, fwd))
+            self._rule_paths.add(path)
+
+    def _make_cover_forward(self, m, rule):
+        """The forward of an unpatched LoRA layer under ``coverage="method"`` (see :meth:`_cover`).
+        Outside a denoiser call, with extra forward arguments, or when the user's PEFT state decides
+        (adapters disabled, merged, another set of adapters active): PEFT's forward as it is."""
+        ref = weakref.ref(self)
+        cls_forward = type(m).forward
+        kind, data = rule
+
+        def forward(x, *args, **kwargs):
+            h = ref()
+            if (h is None or h._removed or h._suspended or not h._started or args or kwargs or m.disable_adapters
+                    or m.merged):
+                return cls_forward(m, x, *args, **kwargs)
+            names = (h.subject, h.style)
+            held = [a for a in names if a in m.lora_A]
+            if sorted(a for a in m.active_adapters if a in m.lora_A) != sorted(held):
+                return cls_forward(m, x, *args, **kwargs)
+            from .replay import peft_adapter_outputs, peft_forward_with_gates, select_per_sample
+
+            if kind == "gates":
+                return peft_forward_with_gates(m, x, data, names)
+            if kind == "dynamic":
+                return _decide_and_select(h.method, m, x, names, None, (), {})
+            gates = h.method.extra_gates(*data)
+            _, ys, _ = peft_adapter_outputs(m, x, names)
+            return select_per_sample(gates.reshape(1, 2).to(ys[0].device), ys)
+
+        return forward
 
     def _prepare_method(self) -> None:
         """Give the method every patched layer's two LoRAs as they are now (``prepare``) and set up
@@ -598,20 +706,40 @@ class FusionHandle:
         pipe.load_lora_weights = load_lora_weights
 
     def summary(self) -> dict:
-        """What the installation covers: ``layers`` patched, on the ``path`` "merged" (one F.linear on
-        merged weights) or "fused" (the fused kernel), ``unpatched``: reason -> number of the two
-        adapters' LoRA layers in the denoiser left on PEFT's own forward (they apply PEFT's sum of
-        the active adapters; text encoders always stay on PEFT), and ``fallback_calls``: reason ->
-        layer calls that ran PEFT's forward so far (see :attr:`fallbacks`)."""
+        """What the installation covers:
+
+        - ``layers``: patched layers, on the ``path`` "merged" (one F.linear on merged weights) or
+          "fused" (the fused kernel); ``cast_layers``: how many of them are stored in another dtype
+          (``enable_layerwise_casting``: the fused path on a cast copy per call);
+        - ``coverage``: the policy for the two adapters' LoRA layers the kernels do not patch;
+          ``unpatched``: reason -> number of those layers, split into ``method_gates`` (reason ->
+          layers that follow the method's rule through PEFT's forward) and ``peft_sum`` (reason ->
+          layers left on PEFT's sum of the active adapters; text encoders always stay on PEFT);
+          ``unpatched_layers``: their paths;
+        - ``fallback_calls``: reason -> layer calls that left the fused / merged path so far (see
+          :attr:`fallbacks`)."""
         unpatched: dict[str, int] = {}
-        for _, why in self._unpatched:
+        by_policy: dict[str, dict[str, int]] = {"method_gates": {}, "peft_sum": {}}
+        for path, why in self._unpatched:
             unpatched[why] = unpatched.get(why, 0) + 1
+            part = by_policy["method_gates" if path in self._rule_paths else "peft_sum"]
+            part[why] = part.get(why, 0) + 1
+        cast = 0
+        for rec in self._layers:
+            base = rec.base
+            w = getattr(base, "weight", None)
+            if rec.forward is not None and isinstance(w, torch.Tensor) and _CAST_HOOK in getattr(
+                    getattr(base, "_diffusers_hook", None), "hooks", {}):
+                cast += 1
         return {
             "method": getattr(self.method, "name", type(self.method).__name__),
             "layers": sum(rec.forward is not None for rec in self._layers),
             "path": "merged" if self._merged is not None else "fused",
             "weights": self.weights if self._merged is not None else None,
+            "cast_layers": cast,
+            "coverage": self.coverage,
             "unpatched": unpatched,
+            **by_policy,
             "unpatched_layers": [p for p, _ in self._unpatched],
             "fallback_calls": dict(self.fallbacks),
         }
@@ -985,6 +1113,7 @@ def accelerate_fusion(
     guidance=None,
     weights: str = "scratch",
     progress: bool | None = None,
+    coverage: str = "method",
     **method_options,
 ) -> FusionHandle:
     """Fuse the LoRA adapters ``subject`` and ``style`` of a diffusers pipeline with a fusion method.
@@ -1014,6 +1143,13 @@ def accelerate_fusion(
         progress: show a progress bar while the method prepares its per-layer statistics, when
             that takes more than a second (None: unless the pipeline's progress bar is disabled
             with ``pipe.set_progress_bar_config(disable=True)``).
+        coverage: what the two adapters' LoRA layers that the kernels do not patch compute (conv
+            LoRAs: SD1.5's 1x1 ``proj_in``/``proj_out``, kohya LoCon; layers only one adapter
+            targets): "method" (default) the method's rule through PEFT's own forward of the layer
+            (merge weights, klora / est's selection from the layer's own scores, kl's per-sample
+            decision; a single adapter acts alone under a selecting method), "peft" PEFT's sum of
+            the active adapters, as loading the LoRAs gives (see :meth:`FusionHandle._cover`).
+            ``handle.summary()`` counts the layers per policy and reason.
         **method_options: passed to ``get_method`` (pattern, alpha, beta, D, official mode, ...).
 
     Returns a :class:`FusionHandle`; ``handle.remove()`` or :func:`remove_fusion` undo everything.
@@ -1028,6 +1164,8 @@ def accelerate_fusion(
         raise ValueError(f"accelerate_fusion: backend must be one of {BACKENDS}, got {backend!r}")
     if weights not in WEIGHT_MODES:
         raise ValueError(f"accelerate_fusion: weights must be one of {WEIGHT_MODES}, got {weights!r}")
+    if coverage not in COVERAGES:
+        raise ValueError(f"accelerate_fusion: coverage must be one of {COVERAGES}, got {coverage!r}")
     denoisers = _find_denoisers(pipe)
     remove_fusion(pipe)  # replace a previous installation
     loaded: list[str] = []
@@ -1066,6 +1204,7 @@ def accelerate_fusion(
         raise ValueError(f"accelerate_fusion: timestep_divisor must be a positive number, got {timestep_divisor}")
     handle = FusionHandle(pipe, denoisers, fusion_method, subject, style, backend, log_gates, scheduler, div, weights)
     handle._divisor_fixed = timestep_divisor is not None
+    handle.coverage = coverage
     if progress is None:
         progress = not (getattr(pipe, "_progress_bar_config", None) or {}).get("disable", False)
     handle.progress = bool(progress)
@@ -1076,9 +1215,12 @@ def accelerate_fusion(
             if hasattr(type(pipe), "load_lora_weights"):
                 handle._watch_reloads(pipe)
         info = handle.summary()
-        _log.info("accelerate_fusion %s: %d layers on the %s path%s; left on PEFT: %s", info["method"], info["layers"],
+        left = [f"{n} ({why}: {'the method' if key == 'method_gates' else 'PEFT'}'s {what})"
+                for key, what in (("method_gates", "rule"), ("peft_sum", "sum")) for why, n in info[key].items()]
+        _log.info("accelerate_fusion %s: %d layers on the %s path%s%s; left on PEFT: %s", info["method"], info["layers"],
                   info["path"], f" (weights={info['weights']})" if info["weights"] else "",
-                  ", ".join(f"{n} ({why})" for why, n in info["unpatched"].items()) or "none")
+                  f", {info['cast_layers']} of them cast per call (layerwise casting)" if info["cast_layers"] else "",
+                  ", ".join(left) or "none")
         if guidance is not None:
             from ..guidance.hook import enable_guidance
 
