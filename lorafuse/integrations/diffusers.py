@@ -5,8 +5,12 @@ get an *instance* ``forward`` that reads the live PEFT state on every call (acti
 ``scaling`` floats or 0-d tensors, the per-call ``scale`` diffusers applies by mutating ``scaling``,
 ``disable_adapters``, ``merged``) and calls ``method.layer_forward`` with the layer's two LoRAs packed
 once (re-packed only when the scalings or the weights change; the check compares Python floats and
-tensor version counters on the host, no device sync). Anything the fused path does not cover falls
-back to PEFT's own forward, layer by layer, with one warning per reason.
+tensor version counters on the host, no device sync). A call the fused path cannot take falls back,
+layer by layer, with one warning per reason, to a slower way to the method's own result (PEFT's
+forward with the method's gates; kl's decision from PEFT's pieces; the fused path on a cast weight
+under layerwise casting), or to PEFT's forward as it is where the user's PEFT state decides
+(adapters disabled, merged, changed). LoRA layers the kernels do not patch (conv, single-adapter)
+follow the ``coverage`` policy (:meth:`FusionHandle._cover`).
 
 A forward pre-hook on each denoiser turns the timestep it receives into the progress ``tau`` in [0, 1]
 (0 = noisiest) and calls ``method.begin_step``; ``tau`` stays a device tensor when the timestep is one.
@@ -317,7 +321,7 @@ class FusionHandle:
         method: the :class:`~lorafuse.fusion.base.FusionMethod` driving the gates.
         subject, style: the adapter names. backend: the kernel backend passed to the method.
         layer_names: module paths of the patched layers, in method layer-index order.
-        fallbacks: reason -> number of layer calls that ran PEFT's own forward for that reason.
+        fallbacks: reason -> number of layer calls that left the fused / merged path for that reason.
         calls: denoiser calls seen since installation.
     """
 
