@@ -568,7 +568,8 @@ class FusionHandle:
         - anything else (a method with no rule outside its prepared layers, a conv B that is not
           1x1, a layer another hook already wraps): PEFT's sum, reported as such.
 
-        These layers are not in the gate log (it is indexed by the method's layers)."""
+        These layers are not in the gate log (it is indexed by the method's layers). Their klora / est
+        scores are computed here, at install (a hotswap re-prepares gamma, not these scores)."""
         from ..fusion._common import StaticSelectMethod
         from ..fusion.merge import ConstantGates
 

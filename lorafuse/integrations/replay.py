@@ -49,8 +49,9 @@ def peft_adapter_outputs(m, x, names, *args, **kwargs):
     adapters from their outputs: ``(f0, ys, ds)`` with
 
         f0    = the base layer's output (what PEFT computes with the adapters off)
-        ys[i] = PEFT's output with only ``names[i]`` active: f0 + d_i as PEFT adds it, or for an
-                adapter variant (DoRA) PEFT's own forward with only that adapter active (exact)
+        ys[i] = PEFT's output with only ``names[i]`` active: f0 + d_i as PEFT's plain Linear / Conv
+                layers add it, else (an adapter variant such as DoRA, another layer class such as a
+                quantized one) PEFT's own forward with only that adapter active (exact)
         ds[i] = ys[i] - f0: the adapter's perturbation, in fp32 (fp64 for fp64 outputs), computed
                 from the adapter's own modules for a plain LoRA (no cancellation against f0)
 
@@ -59,12 +60,13 @@ def peft_adapter_outputs(m, x, names, *args, **kwargs):
     f0 = m.base_layer(x, *args, **kwargs)
     dt = torch.float64 if f0.dtype == torch.float64 else torch.float32
     variants = getattr(m, "lora_variant", None) or {}
+    plain = type(m).forward in _plain_forwards()  # other layer classes (bitsandbytes, ...): their own forward
     ys, ds = [], []
     for a in names:
         if a not in m.lora_A:
             ys.append(f0)
             ds.append(torch.zeros_like(f0, dtype=dt))
-        elif a in variants:
+        elif a in variants or not plain:
             y = peft_forward_with_gates(m, x, [1.0], [a], *args, **kwargs)
             ys.append(y)
             ds.append(y.to(dt) - f0.to(dt))
@@ -75,6 +77,14 @@ def peft_adapter_outputs(m, x, names, *args, **kwargs):
             ys.append((f0 + d).to(f0.dtype))
             ds.append(d.to(dt))
     return f0, ys, ds
+
+
+def _plain_forwards():
+    """The forwards of PEFT's plain LoRA layer classes, whose output with one adapter active is
+    ``(base(x) + lora_B(lora_A(dropout(x))) * scaling).to(base dtype)``."""
+    from peft.tuners.lora import layer
+
+    return {layer.Linear.forward, layer._ConvNd.forward}
 
 
 def select_per_sample(gates, ys):
