@@ -564,7 +564,8 @@ class FusionHandle:
         - kl, conv layers with both adapters: the per-sample KL rule on the layer's PEFT outputs,
           output channels as the softmax axis and every pixel a token;
         - a layer only one adapter targets, under a selecting method (klora, est, kl): the rule
-          with the absent adapter's delta 0 selects the present one, i.e. PEFT's forward as it is;
+          with the absent adapter's delta 0 selects the present one (kl: unless its KL is exactly
+          0, a delta that shifts every channel equally), i.e. PEFT's forward as it is;
         - anything else (a method with no rule outside its prepared layers, a conv B that is not
           1x1, a layer another hook already wraps): PEFT's sum, reported as such.
 
