@@ -217,6 +217,30 @@ class StaticSelectMethod(FusionMethod):
         row = self.gates(layer)
         return row, (self._last_official[layer][0] if self.tau_mode == "official" else None)
 
+    @torch.no_grad()
+    def layer_scores(self, subject: tuple, style: tuple) -> tuple[float, float]:
+        """(score_c, score_s) fp64 of a layer this method was not prepared with (an integration's
+        conv LoRA flattened to A (r, K) and B (N, r), say), as :meth:`prepare` scores its layers:
+        ``subject`` / ``style`` are (A, B, scale) triples. Validated like :meth:`prepare`'s layers."""
+        (c, st), = validate_layers([LayerLoRAs("extra layer", subject, style)], self.name)
+        stats = self._layer_stats(c, st)
+        return float(stats[0].double()), float(stats[1].double())
+
+    def extra_gates(self, score_c: float, score_s: float) -> torch.Tensor:
+        """(2,) fp32 one-hot gates, now, of a layer outside the prepared ones with scores from
+        :meth:`layer_scores`: the same rule, ``score_c / gamma > score_s * S(tau)`` (strict), with the
+        prepared gamma and this step's S(tau) (fp64; a device op, no host read). In official tau mode
+        such a layer is not in the official call counter: tau is the step fraction k / N."""
+        if not hasattr(self, "_gates"):
+            raise RuntimeError(f"{self.name}: call prepare(layers) before extra_gates")
+        num = score_c / self.gamma
+        if self.tau_mode == "official":
+            S = self.scale(self._step / self._num_steps if self._num_steps else 0.0)
+            return self._onehot[0 if num > score_s * S else 1]
+        subject = torch.gt(torch.full_like(self._S, num), self._S * score_s) if isinstance(self._S, torch.Tensor) \
+            else torch.tensor(num > score_s * self._S, device=self._device)
+        return torch.stack((subject, ~subject)).to(torch.float32)
+
     def decision_table(self, taus) -> torch.Tensor:
         """(L, T) bool on the host, True where layer l selects the subject at ``taus[t]``: the same
         rule and fp64 scores the device gates use (``score_c / gamma > score_s * S(tau)``), for logs,

@@ -64,12 +64,59 @@ class KLDynamic(FusionMethod):
     def decide(self, stats, num_samples: int, rows_per_sample: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-row statistics -> (gates (G, 2) fp32 one-hot, divergences (G, 2) fp32), on the device."""
         k = stats.kl if self.direction == "forward" else stats.kl_reverse  # (M, 2)
+        return self._decide_rows(k, num_samples, rows_per_sample)
+
+    def _decide_rows(self, k: torch.Tensor, num_samples: int, rows_per_sample: int):
+        """Per-row divergences k (M, 2) -> (gates (G, 2) fp32 one-hot, D (G, 2)): the reduction and tie rule."""
         if self.reduction == "sample":
             d = k.reshape(num_samples, rows_per_sample, 2).mean(dim=1)
         else:
             d = k.mean(dim=0, keepdim=True).expand(num_samples, 2)
         subject = d[:, 0] >= d[:, 1] if self.tie == "subject" else d[:, 0] > d[:, 1]
         return torch.stack((subject, ~subject), dim=1).to(torch.float32), d
+
+    @torch.no_grad()  # the selection is a stop-gradient, as in the fused path
+    def decide_from_outputs(self, f0: torch.Tensor, d_c: torch.Tensor, d_s: torch.Tensor, num_samples: int, *,
+                            layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same decision as :meth:`layer_forward`, from a layer's output pieces instead of the fused
+        kernel's statistics: for integrations that run the layer some other way (PEFT's own forward
+        for DoRA, a quantized or offloaded base, autograd; conv LoRAs, channels as the softmax axis).
+
+        f0 (..., N) the base output, d_c and d_s (..., N) the subject's and style's perturbations
+        (their outputs minus f0; a variant such as DoRA gives its own), M = num_samples * R rows. Per
+        row m, in fp32 (fp64 for fp64 inputs), centred as :func:`~lorafuse.kernels.kl_select_torch`::
+
+            forward:  mu_i = E_p0[d_i],  k_i,m = log1p(E_p0[expm1(d_i - mu_i)])  = KL(p0 || p_i)
+            reverse:  nu_i = E_pi[d_i],  k_i,m = log1p(E_pi[expm1(nu_i - d_i)])  = KL(p_i || p0)
+
+        with p0 = softmax(f0_m), p_i = softmax(f0_m + d_i,m) over the N channels; then this method's
+        reduction and tie rule (:meth:`decide`). Returns (gates (G, 2) fp32 one-hot, D (G, 2)), G =
+        num_samples; with ``layer`` also kept as that layer's :meth:`last_decision` (for the gate log)."""
+        if not (f0.shape == d_c.shape == d_s.shape) or f0.dim() == 0:
+            raise ValueError(f"{self.name}: decide_from_outputs needs f0, d_c, d_s of one shape (..., N), got "
+                             f"{tuple(f0.shape)}, {tuple(d_c.shape)}, {tuple(d_s.shape)}")
+        N = f0.shape[-1]
+        M = f0.numel() // N if N else 0
+        G = int(num_samples)
+        if G < 1 or M % G:
+            raise ValueError(f"{self.name}: decide_from_outputs: {M} rows do not split into num_samples={num_samples}")
+        dt = torch.float64 if f0.dtype == torch.float64 else torch.float32
+        f = f0.detach().reshape(M, N).to(dt)
+        d = torch.stack((d_c.detach().reshape(M, N), d_s.detach().reshape(M, N)), dim=1).to(dt)  # (M, 2, N)
+        if self.direction == "forward":
+            p0 = torch.softmax(f, dim=-1).unsqueeze(-1)  # (M, N, 1)
+            mu = torch.bmm(d, p0)
+            k = torch.log1p(torch.bmm(torch.expm1(d - mu), p0))
+        else:
+            p = torch.softmax(d + f.unsqueeze(1), dim=-1)
+            nu = (p * d).sum(dim=-1, keepdim=True)
+            k = torch.log1p((p * torch.expm1(nu - d)).sum(dim=-1, keepdim=True))
+        g, D = self._decide_rows(k.reshape(M, 2), G, M // G)
+        if layer is not None:
+            if not 0 <= layer < self._n:
+                raise IndexError(f"{self.name}: layer {layer} out of range (prepared {self._n} layers)")
+            self._last[layer] = (g, D)
+        return g, D
 
     def _state(self, layer: int, G: int, device) -> torch.Tensor:
         prev = self._prev[layer]

@@ -5,8 +5,12 @@ get an *instance* ``forward`` that reads the live PEFT state on every call (acti
 ``scaling`` floats or 0-d tensors, the per-call ``scale`` diffusers applies by mutating ``scaling``,
 ``disable_adapters``, ``merged``) and calls ``method.layer_forward`` with the layer's two LoRAs packed
 once (re-packed only when the scalings or the weights change; the check compares Python floats and
-tensor version counters on the host, no device sync). Anything the fused path does not cover falls
-back to PEFT's own forward, layer by layer, with one warning per reason.
+tensor version counters on the host, no device sync). A call the fused path cannot take falls back,
+layer by layer, with one warning per reason, to a slower way to the method's own result (PEFT's
+forward with the method's gates; kl's decision from PEFT's pieces; the fused path on a cast weight
+under layerwise casting), or to PEFT's forward as it is where the user's PEFT state decides
+(adapters disabled, merged, changed). LoRA layers the kernels do not patch (conv, single-adapter)
+follow the ``coverage`` policy (:meth:`FusionHandle._cover`).
 
 A forward pre-hook on each denoiser turns the timestep it receives into the progress ``tau`` in [0, 1]
 (0 = noisiest) and calls ``method.begin_step``; ``tau`` stays a device tensor when the timestep is one.
@@ -45,6 +49,11 @@ _NOT_STARTED = "called outside a denoiser call (no timestep yet)"
 _DELETED = "adapter deleted from the layer"
 _ADAPTERS_CHANGED = "not exactly the two fused adapters active (set_adapters changed)"
 _USERS_CHOICE = (_DISABLED, _MERGED, _MIXED_BATCH, _NOT_STARTED, _DELETED, _ADAPTERS_CHANGED)
+# diffusers' enable_layerwise_casting: the base weight is stored in another dtype and cast for each
+# call; the fused path then runs on a cast copy (what the hook computes with), not PEFT's forward
+_CAST = "layerwise casting (fused path on the weight cast to the compute dtype)"
+_CAST_HOOK = "layerwise_casting"  # diffusers' HookRegistry name of that hook
+COVERAGES = ("method", "peft")  # accelerate_fusion(coverage=...)
 _SILENT = (_DISABLED,)  # the base layer is what PEFT gives: no warning
 _MISSING = object()
 
@@ -245,6 +254,58 @@ def _leave_merged(h):
             rec.fp = None
 
 
+def _casts_to(base: nn.Module, dtype: torch.dtype) -> bool:
+    """True when diffusers' layerwise casting hook casts ``base``'s weights to ``dtype`` for each call."""
+    registry = getattr(base, "_diffusers_hook", None)
+    hook = getattr(registry, "hooks", {}).get(_CAST_HOOK) if registry is not None else None
+    return hook is not None and getattr(hook, "compute_dtype", None) == dtype
+
+
+def _diffusers_slot(m: nn.Module):
+    """``(fn_ref, attribute)`` holding the innermost forward of diffusers' hook chain on layer ``m``
+    (``enable_layerwise_casting`` wraps PEFT layers in one) when that is still the layer's own class
+    forward, else None."""
+    registry = m.__dict__.get("_diffusers_hook")
+    refs = getattr(registry, "_fn_refs", None)
+    if not refs:
+        return None
+    ref = refs[0]
+    attr = "original_forward" if getattr(ref, "original_forward", None) is not None else "forward"
+    f = getattr(ref, attr, None)
+    if getattr(f, "__func__", None) is type(m).forward and getattr(f, "__self__", None) is m:
+        return ref, attr
+    return None
+
+
+def _flat_conv_lora(m, a):
+    """Adapter ``a`` of conv LoRA layer ``m`` as a linear one: (A (r, C_in kh kw), B (C_out, r), scale),
+    dW = scale B A the conv kernel flattened; None when B is not a 1x1 kernel (no such factorization)."""
+    A, B = _real_weight(m.lora_A[a]), _real_weight(m.lora_B[a])
+    if B.dim() > 2 and any(k != 1 for k in B.shape[2:]):
+        return None
+    return A.reshape(A.shape[0], -1), B.reshape(B.shape[0], -1), m.scaling[a]
+
+
+def _decide_and_select(method, m, x, names, layer, args, kwargs):
+    """A dynamic method's decision for one call of PEFT layer ``m`` (linear or conv) outside the
+    fused kernel: PEFT's pieces (:func:`~lorafuse.integrations.replay.peft_adapter_outputs`) give the
+    per-sample statistics (output channels as the softmax axis: the last axis of a linear's output,
+    axis 1 of a conv's), ``method.decide_from_outputs`` decides with the method's own rule (kept as
+    layer ``layer``'s decision unless None), and each sample gets its selected adapter's output."""
+    from .replay import peft_adapter_outputs, select_per_sample
+
+    f0, ys, ds = peft_adapter_outputs(m, x, names, *args, **kwargs)
+    G = f0.shape[0] if f0.dim() >= 2 else 1
+    if G == 0 or f0.numel() == 0:
+        return ys[0]
+    if isinstance(m.get_base_layer(), nn.modules.conv._ConvNd) and f0.dim() >= 3:
+        f0c, dc, dsty = (t.movedim(1, -1) for t in (f0, *ds))
+    else:
+        f0c, dc, dsty = f0, ds[0], ds[1]
+    gates, _ = method.decide_from_outputs(f0c, dc, dsty, G, layer=layer)
+    return select_per_sample(gates.to(f0.device), ys)
+
+
 def _weight_key(w: torch.Tensor):
     return (w._version, w.data_ptr(), w.dtype, w.device)
 
@@ -288,7 +349,7 @@ class FusionHandle:
         method: the :class:`~lorafuse.fusion.base.FusionMethod` driving the gates.
         subject, style: the adapter names. backend: the kernel backend passed to the method.
         layer_names: module paths of the patched layers, in method layer-index order.
-        fallbacks: reason -> number of layer calls that ran PEFT's own forward for that reason.
+        fallbacks: reason -> number of layer calls that left the fused / merged path for that reason.
         calls: denoiser calls seen since installation.
     """
 
@@ -325,6 +386,10 @@ class FusionHandle:
         self._reload_watch = None  # (pipe, our load_lora_weights) while installed
         self.progress = False  # a progress bar for the method's preparation (accelerate_fusion(progress=...))
         self._te_scaled: list[tuple[Any, str, Any, Any]] = []  # (text-encoder layer, adapter, saved, ours)
+        self._hook_slots: list[tuple[Any, str, Any, Any]] = []  # (diffusers hook fn ref, attribute, saved, ours)
+        self.coverage = "method"  # accelerate_fusion(coverage=...): LoRA layers the kernels do not patch
+        self._covered: list[tuple[Any, Any]] = []  # (unpatched layer, the forward that applies the method's rule)
+        self._rule_paths: set[str] = set()  # unpatched layers that follow the method's rule (see _cover)
 
     # ---------------- public ----------------
     @property
@@ -390,6 +455,11 @@ class FusionHandle:
                 del m.__dict__["forward"]
             elif getattr(m, "_old_forward", None) is rec.forward:  # an accelerate hook was added on top
                 m._old_forward = type(m).forward.__get__(m)
+        self._unhook_diffusers()
+        for m, fwd in self._covered:
+            if m.__dict__.get("forward") is fwd:
+                del m.__dict__["forward"]
+        self._covered.clear()
         for m, saved, ours in self._activated:
             if m.__dict__.get("_active_adapter") is ours:
                 if saved is _MISSING:
@@ -404,6 +474,20 @@ class FusionHandle:
         for _, d in self._denoisers:
             if d.__dict__.get(_HANDLE_ATTR) is self:
                 del d.__dict__[_HANDLE_ATTR]
+
+    def _unhook_diffusers(self) -> None:
+        """Take our forwards out of diffusers' hook chains: where :meth:`_install` put them, and where a
+        hook added after installation (``enable_layerwise_casting``) wrapped them."""
+        for ref, attr, saved, ours in self._hook_slots:
+            if getattr(ref, attr, None) is ours:
+                setattr(ref, attr, saved)
+        self._hook_slots.clear()
+        for rec in self._layers:
+            registry = rec.module.__dict__.get("_diffusers_hook")
+            for ref in getattr(registry, "_fn_refs", None) or ():
+                for attr in ("original_forward", "forward"):
+                    if rec.forward is not None and getattr(ref, attr, None) is rec.forward:
+                        setattr(ref, attr, type(rec.module).forward.__get__(rec.module))
 
     @contextlib.contextmanager
     def suspended(self):
@@ -448,10 +532,12 @@ class FusionHandle:
                 "pipe.fuse_lora()): the method cannot select between them; call pipe.unfuse_lora() first"
             )
         patched = {id(e[4]) for e in entries}
+        uncovered = []
         for comp, d in self._denoisers:
             for path, mod in _adapter_layers(_unwrap(d), (s, t)):
                 if id(mod) not in patched:
                     self._unpatched.append((f"{comp}.{path}", _why_unpatched(mod, s, t)))
+                    uncovered.append((f"{comp}.{path}", mod))
         for comp, d in self._denoisers:  # activate both adapters everywhere in the denoiser, remember state
             for _, mod in d.named_modules():
                 if isinstance(mod, LoraLayer) and (s in getattr(mod, "lora_A", {}) or t in getattr(mod, "lora_A", {})):
@@ -469,19 +555,116 @@ class FusionHandle:
             if isinstance(w, torch.Tensor) and not w.is_meta and w.dtype in _KERNEL_DTYPES and (
                     m.lora_A[s].weight.device == w.device):
                 self._packed(rec, m, w)  # pack once now (a compiled graph then finds it)
-            if "forward" in m.__dict__:
+            slot = _diffusers_slot(m) if "forward" in m.__dict__ else None
+            if "forward" in m.__dict__ and slot is None:
                 self._warn_once("layer already has an instance forward (another hook): left on PEFT")
                 self._unpatched.append((f"{rec.component}.{rec.path}", "already has an instance forward (another hook)"))
                 continue
             rec.forward = self._make_forward(rec)
-            m.forward = rec.forward
+            if slot is None:
+                m.forward = rec.forward
+            else:  # diffusers' hooks (enable_layerwise_casting) wrap the layer: ours goes innermost
+                ref, attr = slot
+                self._hook_slots.append((ref, attr, getattr(ref, attr), rec.forward))
+                setattr(ref, attr, rec.forward)
             if self._merged is not None and self._merged.mode == "inplace" and "merge" not in m.__dict__:
                 rec.merge_guard = self._make_merge_guard(rec)
                 m.merge = rec.merge_guard
+        self._cover(uncovered)
         for comp, d in self._denoisers:
             pos = _timestep_position(_unwrap(d))
             self._hooks.append(d.register_forward_pre_hook(self._make_pre_hook(pos), with_kwargs=True))
             d.__dict__[_HANDLE_ATTR] = self
+
+    def _cover(self, uncovered) -> None:
+        """Apply the coverage policy to the two adapters' LoRA layers the kernels do not patch (conv
+        LoRAs: SD1.5's 1x1 ``proj_in``/``proj_out``, kohya LoCon; layers only one adapter targets).
+
+        ``coverage="peft"``: left as they are, PEFT's sum of the active adapters (the official K-LoRA
+        code applies no LoRA outside the attention linears it patches; for those it does not patch,
+        plain loading gives this sum). ``coverage="method"`` (default): the method's rule, through
+        PEFT's own forward of the layer (exact for DoRA):
+
+        - constant gates (merge, subject, style): PEFT with each adapter's scaling times its weight,
+          as ``set_adapters([subject, style], [w_c, w_s])`` does on every layer;
+        - klora / est (static selection), conv layers with both adapters: the layer's own scores
+          from its flattened deltas (A (r, C_in kh kw), B (C_out, r) when B is 1x1), the installed
+          gamma and this step's S(tau): one adapter per step, as on the patched layers;
+        - kl, conv layers with both adapters: the per-sample KL rule on the layer's PEFT outputs,
+          output channels as the softmax axis and every pixel a token;
+        - a layer only one adapter targets, under a selecting method (klora, est, kl): the rule
+          with the absent adapter's delta 0 selects the present one (kl: unless its KL is exactly
+          0, a delta that shifts every channel equally), i.e. PEFT's forward as it is;
+        - anything else (a method with no rule outside its prepared layers, a conv B that is not
+          1x1, a layer another hook already wraps): PEFT's sum, reported as such.
+
+        These layers are not in the gate log (it is indexed by the method's layers). Their klora / est
+        scores are computed here, at install (a hotswap re-prepares gamma, not these scores)."""
+        from ..fusion._common import StaticSelectMethod
+        from ..fusion.merge import ConstantGates
+
+        s, t = self.subject, self.style
+        method = self.method
+        selecting = isinstance(method, StaticSelectMethod) or hasattr(method, "decide_from_outputs")
+        for path, m in uncovered:
+            if self.coverage != "method":
+                continue
+            both = s in m.lora_A and t in m.lora_A
+            rule = None
+            if isinstance(method, ConstantGates):
+                rule = ("gates", tuple(method._weights))
+            elif not both and selecting:
+                self._rule_paths.add(path)  # the present adapter acts: PEFT's forward as it is
+                continue
+            elif both and isinstance(method, StaticSelectMethod):
+                pair = [_flat_conv_lora(m, a) for a in (s, t)]
+                if None not in pair:
+                    rule = ("static", method.layer_scores(*pair))
+            elif both and hasattr(method, "decide_from_outputs"):
+                rule = ("dynamic", None)
+            if rule is None:
+                continue
+            fwd = self._make_cover_forward(m, rule)
+            if "forward" not in m.__dict__:
+                m.forward = fwd
+            else:
+                slot = _diffusers_slot(m)
+                if slot is None:
+                    continue  # another hook owns the layer's forward: PEFT's sum
+                ref, attr = slot
+                self._hook_slots.append((ref, attr, getattr(ref, attr), fwd))
+                setattr(ref, attr, fwd)
+            self._covered.append((m, fwd))
+            self._rule_paths.add(path)
+
+    def _make_cover_forward(self, m, rule):
+        """The forward of an unpatched LoRA layer under ``coverage="method"`` (see :meth:`_cover`).
+        Outside a denoiser call, with extra forward arguments, or when the user's PEFT state decides
+        (adapters disabled, merged, another set of adapters active): PEFT's forward as it is."""
+        ref = weakref.ref(self)
+        cls_forward = type(m).forward
+        kind, data = rule
+
+        def forward(x, *args, **kwargs):
+            h = ref()
+            if (h is None or h._removed or h._suspended or not h._started or args or kwargs or m.disable_adapters
+                    or m.merged):
+                return cls_forward(m, x, *args, **kwargs)
+            names = (h.subject, h.style)
+            held = [a for a in names if a in m.lora_A]
+            if sorted(a for a in m.active_adapters if a in m.lora_A) != sorted(held):
+                return cls_forward(m, x, *args, **kwargs)
+            from .replay import peft_adapter_outputs, peft_forward_with_gates, select_per_sample
+
+            if kind == "gates":
+                return peft_forward_with_gates(m, x, data, names)
+            if kind == "dynamic":
+                return _decide_and_select(h.method, m, x, names, None, (), {})
+            gates = h.method.extra_gates(*data)
+            _, ys, _ = peft_adapter_outputs(m, x, names)
+            return select_per_sample(gates.reshape(1, 2).to(ys[0].device), ys)
+
+        return forward
 
     def _prepare_method(self) -> None:
         """Give the method every patched layer's two LoRAs as they are now (``prepare``) and set up
@@ -558,20 +741,40 @@ class FusionHandle:
         pipe.load_lora_weights = load_lora_weights
 
     def summary(self) -> dict:
-        """What the installation covers: ``layers`` patched, on the ``path`` "merged" (one F.linear on
-        merged weights) or "fused" (the fused kernel), ``unpatched``: reason -> number of the two
-        adapters' LoRA layers in the denoiser left on PEFT's own forward (they apply PEFT's sum of
-        the active adapters; text encoders always stay on PEFT), and ``fallback_calls``: reason ->
-        layer calls that ran PEFT's forward so far (see :attr:`fallbacks`)."""
+        """What the installation covers:
+
+        - ``layers``: patched layers, on the ``path`` "merged" (one F.linear on merged weights) or
+          "fused" (the fused kernel); ``cast_layers``: how many of them are stored in another dtype
+          (``enable_layerwise_casting``: the fused path on a cast copy per call);
+        - ``coverage``: the policy for the two adapters' LoRA layers the kernels do not patch;
+          ``unpatched``: reason -> number of those layers, split into ``method_gates`` (reason ->
+          layers that follow the method's rule through PEFT's forward) and ``peft_sum`` (reason ->
+          layers left on PEFT's sum of the active adapters; text encoders always stay on PEFT);
+          ``unpatched_layers``: their paths;
+        - ``fallback_calls``: reason -> layer calls that left the fused / merged path so far (see
+          :attr:`fallbacks`)."""
         unpatched: dict[str, int] = {}
-        for _, why in self._unpatched:
+        by_policy: dict[str, dict[str, int]] = {"method_gates": {}, "peft_sum": {}}
+        for path, why in self._unpatched:
             unpatched[why] = unpatched.get(why, 0) + 1
+            part = by_policy["method_gates" if path in self._rule_paths else "peft_sum"]
+            part[why] = part.get(why, 0) + 1
+        cast = 0
+        for rec in self._layers:
+            base = rec.base
+            w = getattr(base, "weight", None)
+            if rec.forward is not None and isinstance(w, torch.Tensor) and _CAST_HOOK in getattr(
+                    getattr(base, "_diffusers_hook", None), "hooks", {}):
+                cast += 1
         return {
             "method": getattr(self.method, "name", type(self.method).__name__),
             "layers": sum(rec.forward is not None for rec in self._layers),
             "path": "merged" if self._merged is not None else "fused",
             "weights": self.weights if self._merged is not None else None,
+            "cast_layers": cast,
+            "coverage": self.coverage,
             "unpatched": unpatched,
+            **by_policy,
             "unpatched_layers": [p for p, _ in self._unpatched],
             "fallback_calls": dict(self.fallbacks),
         }
@@ -849,8 +1052,9 @@ class FusionHandle:
             return "weights on meta or another device (offload)"
         if x.dtype not in _KERNEL_DTYPES:
             return f"unsupported compute dtype {x.dtype}"
-        if w.dtype != x.dtype or (base.bias is not None and base.bias.dtype != x.dtype):
-            return "storage dtype differs from compute dtype (layerwise casting)"
+        cast = w.dtype != x.dtype or (base.bias is not None and base.bias.dtype != x.dtype)
+        if cast and not _casts_to(base, x.dtype):
+            return "storage dtype differs from compute dtype"
         A_s, B_s, A_t, B_t = m.lora_A[s].weight, m.lora_B[s].weight, m.lora_A[t].weight, m.lora_B[t].weight
         if A_s.device != dev or B_s.device != dev or A_t.device != dev or B_t.device != dev:
             return "weights on meta or another device (offload)"
@@ -864,27 +1068,56 @@ class FusionHandle:
             or w.requires_grad
         ):
             return "autograd enabled with trainable weights"
-        return None
+        return _CAST if cast else None
 
     def _fallback_forward(self, rec: _Layer, m, reason: str, x, args, kwargs):
-        """PEFT's own forward for a call the fused / merged path cannot take. Unless the user's own
-        PEFT state decides (adapters disabled, merged, changed, ...), PEFT runs with this call's
-        gates of the method (only the selected adapter active, or scalings times merge weights): the
-        fallback changes speed, not the result. Input-dependent methods (kl) cannot decide without
-        the fused kernel's statistics: PEFT's sum of both adapters, reported as such."""
+        """A call the fused / merged path cannot take as it is. Unless the user's own PEFT state
+        decides (adapters disabled, merged, changed, ...: PEFT's forward as it is), the result is the
+        method's, only slower:
+
+        - layerwise casting (diffusers' ``enable_layerwise_casting``): the method's fused path on the
+          base weight cast to the compute dtype, as the cast hook would compute with (not warned);
+        - methods with per-call gates (klora, est, merge, ...): PEFT's forward with this call's
+          gates (only the selected adapter active, or scalings times merge weights);
+        - kl: the same per-sample decision from PEFT's own pieces (base output, each adapter's
+          perturbation; :meth:`KLDynamic.decide_from_outputs`), then per sample the selected
+          adapter's PEFT output (exact for DoRA), logged as the layer's decision;
+        - a method with neither: PEFT's sum of both adapters, reported as such."""
+        if reason == _CAST:
+            return self._cast_forward(rec, m, x)
         gates = None
+        dynamic = False
         if reason not in _USERS_CHOICE:
             picked = self.method.layer_gates(rec.index)
             if picked is not None:
                 gates = picked[0].tolist()  # host copy: one sync on CUDA, in a fallback only
+            elif hasattr(self.method, "decide_from_outputs"):
+                dynamic = True
             else:
                 reason += " (the method gives no per-call gates outside its fused kernel: PEFT's sum of both adapters)"
-        self._fallback(reason, gated=gates is not None)
-        if gates is None:
+        self._fallback(reason, gated=gates is not None or dynamic)
+        if dynamic:
+            y = _decide_and_select(self.method, m, x, (self.subject, self.style), rec.index, args, kwargs)
+        elif gates is None:
             return type(m).forward(m, x, *args, **kwargs)
-        from .replay import peft_forward_with_gates
+        else:
+            from .replay import peft_forward_with_gates
 
-        y = peft_forward_with_gates(m, x, gates, (self.subject, self.style), *args, **kwargs)
+            y = peft_forward_with_gates(m, x, gates, (self.subject, self.style), *args, **kwargs)
+        self._log(rec.index)
+        return y
+
+    def _cast_forward(self, rec: _Layer, m, x):
+        """Layerwise casting: the method's own path on the base weight and bias cast to x's dtype (a
+        transient copy per call, as diffusers' hook makes); counted in :attr:`fallbacks`, logged once."""
+        self.fallbacks[_CAST] = self.fallbacks.get(_CAST, 0) + 1
+        if _CAST not in self._warned:
+            self._warned.add(_CAST)
+            _log.info("lorafuse: %s", _CAST)
+        base = m.get_base_layer()
+        bias = base.bias.to(x.dtype) if base.bias is not None else None
+        y = self.method.layer_forward(rec.index, x, base.weight.to(x.dtype), bias, self._packed(rec, m, x),
+                                      backend=self.backend)
         self._log(rec.index)
         return y
 
@@ -943,6 +1176,7 @@ def accelerate_fusion(
     guidance=None,
     weights: str = "scratch",
     progress: bool | None = None,
+    coverage: str = "method",
     **method_options,
 ) -> FusionHandle:
     """Fuse the LoRA adapters ``subject`` and ``style`` of a diffusers pipeline with a fusion method.
@@ -972,6 +1206,13 @@ def accelerate_fusion(
         progress: show a progress bar while the method prepares its per-layer statistics, when
             that takes more than a second (None: unless the pipeline's progress bar is disabled
             with ``pipe.set_progress_bar_config(disable=True)``).
+        coverage: what the two adapters' LoRA layers that the kernels do not patch compute (conv
+            LoRAs: SD1.5's 1x1 ``proj_in``/``proj_out``, kohya LoCon; layers only one adapter
+            targets): "method" (default) the method's rule through PEFT's own forward of the layer
+            (merge weights, klora / est's selection from the layer's own scores, kl's per-sample
+            decision; a single adapter acts alone under a selecting method), "peft" PEFT's sum of
+            the active adapters, as loading the LoRAs gives (see :meth:`FusionHandle._cover`).
+            ``handle.summary()`` counts the layers per policy and reason.
         **method_options: passed to ``get_method`` (pattern, alpha, beta, D, official mode, ...).
 
     Returns a :class:`FusionHandle`; ``handle.remove()`` or :func:`remove_fusion` undo everything.
@@ -986,6 +1227,8 @@ def accelerate_fusion(
         raise ValueError(f"accelerate_fusion: backend must be one of {BACKENDS}, got {backend!r}")
     if weights not in WEIGHT_MODES:
         raise ValueError(f"accelerate_fusion: weights must be one of {WEIGHT_MODES}, got {weights!r}")
+    if coverage not in COVERAGES:
+        raise ValueError(f"accelerate_fusion: coverage must be one of {COVERAGES}, got {coverage!r}")
     denoisers = _find_denoisers(pipe)
     remove_fusion(pipe)  # replace a previous installation
     loaded: list[str] = []
@@ -1024,6 +1267,7 @@ def accelerate_fusion(
         raise ValueError(f"accelerate_fusion: timestep_divisor must be a positive number, got {timestep_divisor}")
     handle = FusionHandle(pipe, denoisers, fusion_method, subject, style, backend, log_gates, scheduler, div, weights)
     handle._divisor_fixed = timestep_divisor is not None
+    handle.coverage = coverage
     if progress is None:
         progress = not (getattr(pipe, "_progress_bar_config", None) or {}).get("disable", False)
     handle.progress = bool(progress)
@@ -1034,9 +1278,12 @@ def accelerate_fusion(
             if hasattr(type(pipe), "load_lora_weights"):
                 handle._watch_reloads(pipe)
         info = handle.summary()
-        _log.info("accelerate_fusion %s: %d layers on the %s path%s; left on PEFT: %s", info["method"], info["layers"],
+        left = [f"{n} ({why}: {'the method' if key == 'method_gates' else 'PEFT'}'s {what})"
+                for key, what in (("method_gates", "rule"), ("peft_sum", "sum")) for why, n in info[key].items()]
+        _log.info("accelerate_fusion %s: %d layers on the %s path%s%s; left on PEFT: %s", info["method"], info["layers"],
                   info["path"], f" (weights={info['weights']})" if info["weights"] else "",
-                  ", ".join(f"{n} ({why})" for why, n in info["unpatched"].items()) or "none")
+                  f", {info['cast_layers']} of them cast per call (layerwise casting)" if info["cast_layers"] else "",
+                  ", ".join(left) or "none")
         if guidance is not None:
             from ..guidance.hook import enable_guidance
 

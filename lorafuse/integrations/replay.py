@@ -16,19 +16,22 @@ from .tiny import denoiser, peft_layers
 
 def peft_forward_with_gates(m, x, gates, names, *args, **kwargs):
     """PEFT's own forward of layer ``m`` with adapter ``names[i]``'s scaling multiplied by
-    ``gates[i]`` (floats); a one-hot gate runs PEFT with only the selected adapter active (no scaling
-    change at all: exact for DoRA too). The layer's active adapters and scalings are restored."""
+    ``gates[i]`` (floats). Gates that are all 0 or 1 (one-hot, both, none) run PEFT with exactly the
+    adapters whose gate is 1 active (no scaling change at all: exact for DoRA too). Adapters the
+    layer does not hold are skipped (a layer only one of the two adapters targets). The layer's
+    active adapters and scalings are restored."""
     cls_forward = type(m).forward
     saved_active = m.__dict__.get("_active_adapter", _MISSING)
-    g = [float(v) for v in gates]
+    held = m.lora_A
+    pairs = [(a, float(v)) for a, v in zip(names, gates) if a in held]
     try:
-        if sorted(g) == [0.0, 1.0]:
-            m._active_adapter = [names[g.index(1.0)]]
+        if all(gi in (0.0, 1.0) for _, gi in pairs):
+            m._active_adapter = [a for a, gi in pairs if gi == 1.0]
             return cls_forward(m, x, *args, **kwargs)
-        m._active_adapter = list(names)
+        m._active_adapter = [a for a, _ in pairs]
         saved = dict(m.scaling)
         try:
-            for a, gi in zip(names, g):
+            for a, gi in pairs:
                 m.scaling[a] = saved[a] * gi
             return cls_forward(m, x, *args, **kwargs)
         finally:
@@ -39,6 +42,58 @@ def peft_forward_with_gates(m, x, gates, names, *args, **kwargs):
             m.__dict__.pop("_active_adapter", None)
         else:
             m._active_adapter = saved_active
+
+
+def peft_adapter_outputs(m, x, names, *args, **kwargs):
+    """PEFT's forward of LoRA layer ``m`` (linear or conv) taken apart, for deciding between its
+    adapters from their outputs: ``(f0, ys, ds)`` with
+
+        f0    = the base layer's output (what PEFT computes with the adapters off)
+        ys[i] = PEFT's output with only ``names[i]`` active: f0 + d_i as PEFT's plain Linear / Conv
+                layers add it, else (an adapter variant such as DoRA, another layer class such as a
+                quantized one) PEFT's own forward with only that adapter active (exact)
+        ds[i] = ys[i] - f0: the adapter's perturbation, in fp32 (fp64 for fp64 outputs), computed
+                from the adapter's own modules for a plain LoRA (no cancellation against f0)
+
+    An adapter the layer does not hold gives ys[i] = f0, ds[i] = 0. Dropout runs as in PEFT (once
+    per adapter). The layer's state is not changed."""
+    f0 = m.base_layer(x, *args, **kwargs)
+    dt = torch.float64 if f0.dtype == torch.float64 else torch.float32
+    variants = getattr(m, "lora_variant", None) or {}
+    plain = type(m).forward in _plain_forwards()  # other layer classes (bitsandbytes, ...): their own forward
+    ys, ds = [], []
+    for a in names:
+        if a not in m.lora_A:
+            ys.append(f0)
+            ds.append(torch.zeros_like(f0, dtype=dt))
+        elif a in variants or not plain:
+            y = peft_forward_with_gates(m, x, [1.0], [a], *args, **kwargs)
+            ys.append(y)
+            ds.append(y.to(dt) - f0.to(dt))
+        else:
+            lora_A, lora_B = m.lora_A[a], m.lora_B[a]
+            xa = m._cast_input_dtype(x, lora_A.weight.dtype) if hasattr(m, "_cast_input_dtype") else x
+            d = lora_B(lora_A(m.lora_dropout[a](xa))) * m.scaling[a]
+            ys.append((f0 + d).to(f0.dtype))
+            ds.append(d.to(dt))
+    return f0, ys, ds
+
+
+def _plain_forwards():
+    """The forwards of PEFT's plain LoRA layer classes, whose output with one adapter active is
+    ``(base(x) + lora_B(lora_A(dropout(x))) * scaling).to(base dtype)``."""
+    from peft.tuners.lora import layer
+
+    return {layer.Linear.forward, layer._ConvNd.forward}
+
+
+def select_per_sample(gates, ys):
+    """Per sample g, ``ys[i][g]`` for the one adapter i with ``gates[g, i] = 1`` (gates (G, 2) one-hot,
+    G = the outputs' leading dimension, or 1 for all); no host read."""
+    y0, y1 = ys
+    pick = gates[:, 0] > 0
+    pick = pick.reshape(pick.shape[0], *([1] * (y0.dim() - 1))) if y0.dim() >= 2 else pick.reshape(-1)[:1]
+    return torch.where(pick, y0, y1)
 
 
 _MISSING = object()

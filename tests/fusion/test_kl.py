@@ -408,3 +408,42 @@ def test_reset_restores_the_initial_speculative_state_in_place(backend, monkeypa
     fresh.prepare(layers, DEVICE)
     assert all(torch.equal(a, b) for a, b in zip(again, run(fresh)))
     assert all(torch.equal(a, b) for a, b in zip(again, first))
+
+
+# ---------------------------------------------------------------- (c) the decision from output pieces
+
+
+@pytest.mark.parametrize("direction,reduction,tie", [
+    ("forward", "sample", "subject"), ("reverse", "sample", "style"), ("forward", "batch", "style"),
+])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_decide_from_outputs_matches_fp64_reference_and_records(direction, reduction, tie, dtype):
+    """decide_from_outputs (what an integration calls when the layer ran outside the fused kernel:
+    PEFT's forward for DoRA, offload, conv LoRAs) gives the fp64 reference's decisions and
+    divergences from f0 = x W^T + b and d_i = s_i (x A_i^T) B_i^T, keeps them as the layer's
+    last_decision, and checks its arguments."""
+    opts = dict(direction=direction, reduction=reduction, tie=tie)
+    m = get_method("kl", **opts)
+    lw = layers_and_weights(dtype=torch.float64, seed=3)
+    m.prepare([layer for layer, _, _ in lw], "cpu")
+    gen = torch.Generator().manual_seed(11)
+    for l, (layer, W, b) in enumerate(lw):
+        layer64 = LayerLoRAs(layer.name, *((A.cpu(), B.cpu(), s) for A, B, s in (layer.subject, layer.style)))
+        W, b = W.cpu(), b.cpu()
+        x = inputs(layer64, PATTERNS[l], gen, dtype=torch.float64).cpu()
+        want, D = reference(layer64, x, W, b, **opts)
+        f0 = x @ W.t() + b
+        d = [s * (x @ A.t()) @ B.t() for A, B, s in (layer64.subject, layer64.style)]
+        g, got = m.decide_from_outputs(*(t.to(dtype) for t in (f0, *d)), x.shape[0], layer=l)
+        assert g.dtype == torch.float32 and torch.equal(g, onehot(want))
+        torch.testing.assert_close(got.double(), D, rtol=1e-9 if dtype == torch.float64 else 1e-3, atol=1e-9)
+        assert torch.equal(m.last_decision(l).gates, g) and m.last_decision(l).stats["kl"] is got
+    zero = torch.zeros(3, 5, 7)  # zero deltas tie exactly: the tie rule decides
+    g, D = m.decide_from_outputs(torch.randn(3, 5, 7), zero, zero, 3)
+    assert torch.equal(D, torch.zeros(3, 2)) and torch.equal(g, onehot([tie == "subject"] * 3))
+    with pytest.raises(ValueError, match="one shape"):
+        m.decide_from_outputs(zero, zero, zero[:, :, :3], 3)
+    with pytest.raises(ValueError, match="num_samples=2"):
+        m.decide_from_outputs(zero, zero, zero, 2)
+    with pytest.raises(IndexError):
+        m.decide_from_outputs(zero, zero, zero, 3, layer=5)
