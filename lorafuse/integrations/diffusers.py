@@ -244,6 +244,14 @@ def _pack_eager(h, rec, m, x):
 
 
 @torch._dynamo.disable
+def _fallback_eager(h, rec, m, reason, x, args, kwargs):
+    """A fallback inside a compiled graph (DoRA, offload, layerwise casting, ...): run eagerly, as
+    outside one, so the result stays the method's (one graph break per such layer call)."""
+    h._hand_back(rec)
+    return h._fallback_forward(rec, m, reason, x, args, kwargs)
+
+
+@torch._dynamo.disable
 def _leave_merged(h):
     """A compiled graph runs the fused path on the original weights: give every layer its original
     back (in place mode) and stop merging for this installation."""
@@ -864,8 +872,11 @@ class FusionHandle:
             if torch.compiler.is_compiling():  # traced: no host bookkeeping, no graph breaks
                 if h._merged is not None:
                     _leave_merged(h)  # one graph break, once: compiled graphs run the fused path
-                if h._check(m, x, args, kwargs) is not None:
-                    return cls_forward(m, x, *args, **kwargs)
+                reason = h._check(m, x, args, kwargs)
+                if reason is not None:
+                    if reason in _USERS_CHOICE:  # PEFT's own forward is the result: traced as is
+                        return cls_forward(m, x, *args, **kwargs)
+                    return _fallback_eager(h, rec, m, reason, x, args, kwargs)  # the method's result
                 packed = rec.ccache.get((_compile_key(m.scaling[h.subject]), _compile_key(m.scaling[h.style]),
                                          x.dtype))
                 if packed is None:

@@ -271,3 +271,23 @@ def test_coverage_kl_conv_layers_decide_per_sample():
             del m.__dict__["forward"]
     assert len(picks) == 2 * len(convs) and set(picks) == {True, False}
     assert close(out, ref)
+
+
+@pytest.mark.parametrize("method", ["klora", "kl"])
+def test_fallbacks_inside_a_compiled_denoiser_keep_the_method(method):
+    """torch.compile (aot_eager) around a denoiser whose style adapter is DoRA: the fallback runs
+    eagerly inside the graph (a graph break), so the image equals the uncompiled fallback run's,
+    not PEFT's sum."""
+    pipe = mixed_pair(dora=True)
+    pipe.set_adapters(["sbj", "sty"])
+    peft_sum = run(pipe, "sd15", 1)
+    h = accelerate_fusion(pipe, "sbj", "sty", method, backend="torch")
+    eager, _ = quiet_run(pipe, 1)
+    h.remove()
+    pipe.unet = torch.compile(pipe.unet, backend="aot_eager")
+    h = accelerate_fusion(pipe, "sbj", "sty", method, backend="torch")
+    out, msgs = quiet_run(pipe, 1)
+    h.remove()
+    assert msgs and "DoRA" in msgs[0] and sum(h.fallbacks.values()) > 0
+    assert close(out, eager), (out - eager).abs().max()
+    assert not close(out, peft_sum)
