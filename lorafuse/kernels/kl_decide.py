@@ -352,7 +352,10 @@ def _select(x, weight, bias, factors, num_samples, forward, batch, tie_subject):
     else:  # k_i = log1p(E_pi[expm1(nu_i - d_i)]), nu_i = E_pi[d_i]
         p = torch.softmax(d + f0.unsqueeze(1), dim=-1)  # (M, L, N): p_i = softmax(f0 + d_i)
         nu = (p * d).sum(dim=-1, keepdim=True)
-        k = torch.log1p((p * torch.expm1(nu - d)).sum(dim=-1, keepdim=True))
+        if d.requires_grad:
+            k = torch.log1p((p * torch.expm1(nu - d)).sum(dim=-1, keepdim=True))
+        else:  # in place, as above
+            k = torch.sub(nu, d).expm1_().mul_(p).sum(dim=-1, keepdim=True).log1p_()
     G = 1 if batch else num_samples
     D = k.view(G, M // G, L).mean(dim=1)  # (G, L)
     # one-hot of the winner; torch's argmax / argmin return the first index among equal values

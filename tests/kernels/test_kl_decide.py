@@ -271,22 +271,24 @@ def test_kl_select_plain_takes_plain_calls_only():
         assert kl_select_plain(*args, True, False, True) is None, name
 
 
-@pytest.mark.parametrize("reduction", ["sample", "batch"])
-def test_kl_select_torch_differentiates_through_x(reduction):
+@pytest.mark.parametrize("direction,reduction", [("forward", "sample"), ("forward", "batch"), ("reverse", "sample")])
+def test_kl_select_torch_differentiates_through_x(direction, reduction):
     """Autograd through x (guidance through the denoiser): the torch path updates no tensor that
     autograd saved, y and D equal the no-grad call bit for bit, and d(|y|^2 + sum D)/dx is the fp64
     formula's at the same gates."""
     x, W, b, loras = make_case(2, 9, seed=4)
     packed = PackedLoRA.pack(loras)
     xg = x.clone().requires_grad_()
-    y, gates, D = kl_select(xg, W, b, packed, torch.zeros(2, 2), reduction=reduction, backend="torch")
+    y, gates, D = kl_select(xg, W, b, packed, torch.zeros(2, 2), direction=direction, reduction=reduction,
+                            backend="torch")
     (y.square().sum() + D.sum()).backward()
     with torch.no_grad():
-        y0, gates0, D0 = kl_select(x, W, b, packed, torch.zeros(2, 2), reduction=reduction, backend="torch")
+        y0, gates0, D0 = kl_select(x, W, b, packed, torch.zeros(2, 2), direction=direction, reduction=reduction,
+                                   backend="torch")
     assert torch.equal(y.detach(), y0) and torch.equal(gates, gates0) and torch.equal(D.detach(), D0)
     x64 = x.double().requires_grad_()
     y64 = formula64(x64, W, b, loras, gates)
-    D64 = kl_divergences64(x64, W, b, loras, reduction=reduction)
+    D64 = kl_divergences64(x64, W, b, loras, direction, reduction)
     (y64.square().sum() + D64.sum()).backward()
     err = (xg.grad.double() - x64.grad).norm() / x64.grad.norm()
     assert err < 1e-5, err
