@@ -17,7 +17,9 @@ Two execution modes give the same decisions:
         (written in place into g_old, a preallocated (G, 2) tensor per layer, reallocated when G
         changes; :meth:`KLDynamic.reset` restores the initial gates); y += U (g_new - g_old) B^T
         (lora_fixup: a no-op on the device for unflipped samples). Torch path (CPU): a compact fp32
-        sequence that decides first and needs no speculation.
+        sequence that decides first and needs no speculation; :meth:`KLDynamic.layer_forward` enters
+        it straight through :func:`lorafuse.kernels.kl_decide.kl_select_plain` (host-cheap checks, no
+        state kept) and leaves every other call to kl_select's full checks.
     "two_pass" (reference): stats = fused(x) statistics, decide, y = fused(x; g_new)
 
 Nothing reads a device value on the host. Zero LoRAs have k = 0 exactly (ties).
