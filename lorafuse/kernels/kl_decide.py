@@ -36,7 +36,7 @@ the logits: no cancellation against LSE(f0) (the partials' form (M_i - M0) + log
 loses eps * |LSE(f0)|, orders of magnitude more when the KL is far below the logits), and none against
 1 (exp(z) - 1 loses eps absolutely: a KL of 1e-6 would keep one digit). Centring also keeps exp in
 range for any common shift of d_i. Measured alternatives that stay accurate but lose: expm1(z) =
-tanh(z/2) (1 + e^z) in vectorized tanh / exp / mul / addcmul (no gain in place at the tiny SD1.5 layer,
+tanh(z/2) (1 + e^z) in vectorized tanh / exp / mul / addcmul (no measurable gain at the tiny SD1.5 layer,
 where per-op overhead dominates; twice the memory passes at SDXL sizes, where the single expm1 pass
 wins), a block-diagonal bmm per LoRA or y by a batched GEMV over d (more view ops than they save).
 
