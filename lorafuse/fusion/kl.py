@@ -17,7 +17,9 @@ Two execution modes give the same decisions:
         (written in place into g_old, a preallocated (G, 2) tensor per layer, reallocated when G
         changes; :meth:`KLDynamic.reset` restores the initial gates); y += U (g_new - g_old) B^T
         (lora_fixup: a no-op on the device for unflipped samples). Torch path (CPU): a compact fp32
-        sequence that decides first and needs no speculation.
+        sequence that decides first and needs no speculation; :meth:`KLDynamic.layer_forward` enters
+        it straight through :func:`lorafuse.kernels.kl_decide.kl_select_plain` (host-cheap checks, no
+        state kept) and leaves every other call to kl_select's full checks.
     "two_pass" (reference): stats = fused(x) statistics, decide, y = fused(x; g_new)
 
 Nothing reads a device value on the host. Zero LoRAs have k = 0 exactly (ties).
@@ -28,6 +30,7 @@ from __future__ import annotations
 import torch
 
 from ..kernels import PackedLoRA, fused_lora_linear, kl_select
+from ..kernels.kl_decide import kl_select_plain
 from ._common import check_choice, validate_layers
 from .base import Decision, FusionMethod, Progress
 
@@ -143,6 +146,13 @@ class KLDynamic(FusionMethod):
     def layer_forward(self, layer, x, weight, bias, packed: PackedLoRA, *, backend: str = "auto"):
         if not 0 <= layer < self._n:
             raise IndexError(f"{self.name}: layer {layer} out of range (prepared {self._n} layers)")
+        if self.mode == "speculative" and (backend == "torch" or (backend == "auto" and not x.is_cuda)):
+            # the torch path (CPU): no speculative state; host-cheap checks, else kl_select's full ones
+            out = kl_select_plain(x, weight, bias, packed, self.direction == "forward", self.reduction == "batch",
+                                  self.tie == "subject")
+            if out is not None:
+                self._last[layer] = out[1:]
+                return out[0]
         G = x.shape[0] if x.dim() >= 2 else 1
         shape = (G, 2) if x.dim() >= 2 else (2,)
         rows = max(1, (x.numel() // x.shape[-1] if x.shape[-1] else 0) // max(G, 1))

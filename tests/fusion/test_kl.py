@@ -375,6 +375,29 @@ def test_torch_path_op_budget():
             assert c.ops <= 24 and c.triton == 0, c.aten_names
 
 
+def test_torch_path_entry_keeps_no_state_and_still_checks():
+    """On the torch path (backend "torch", or "auto" on a CPU) layer_forward decides from the call
+    alone through kl_select_plain: no speculative state is kept, the result is kl_select's, and a
+    call kl_select_plain declines still gets kl_select's checks and errors."""
+    from lorafuse.kernels import kl_select
+
+    layer, W, b = layers_and_weights(seed=3)[0]
+    layer = LayerLoRAs(layer.name, *[(A.cpu(), B.cpu(), s) for A, B, s in (layer.subject, layer.style)])
+    W, b = W.cpu(), b.cpu()
+    packed = PackedLoRA.pack([layer.subject, layer.style])
+    x = inputs(layer, [SUBJ, STY], torch.Generator().manual_seed(1)).cpu()
+    for backend in ("torch", "auto"):
+        m = get_method("kl")
+        m.prepare([layer], "cpu")
+        y = m.layer_forward(0, x, W, b, packed, backend=backend)
+        assert m._prev == [None]
+        want = kl_select(x, W, b, packed, torch.zeros(2, 2), backend="torch")
+        assert torch.equal(y, want[0]) and torch.equal(m.last_decision(0).gates, want[1])
+        assert m.last_decision(0).gates.tolist() == [[1.0, 0.0], [0.0, 1.0]]
+        with pytest.raises(ValueError, match=r"x has 48 input features \(last dim\) but weight is"):
+            m.layer_forward(0, x, W[:, :-1], b, packed, backend=backend)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_reset_restores_the_initial_speculative_state_in_place(backend, monkeypatch):
     """reset() puts every layer's speculative gates back to the tie rule's LoRA in the same tensors,

@@ -16,7 +16,7 @@ import torch
 
 from lorafuse.kernels import PackedLoRA, kl_decide, kl_select
 from lorafuse.kernels.fused_lora_linear import fused_gemm_expand_torch
-from lorafuse.kernels.kl_decide import kl_decide_torch
+from lorafuse.kernels.kl_decide import kl_decide_torch, kl_select_plain
 
 from ..conftest import DEVICE
 from ..fusion.reference import formula64, kl_decide64, kl_divergences64
@@ -239,3 +239,56 @@ def test_kl_select_bad_calls_raise_clear_errors():
         kl_select(x, W, b, packed, state, tie="coin")
     with pytest.raises(ValueError, match=r"x has 24 input features \(last dim\) but weight is"):
         kl_select(x, W[:, :20], b, packed, state, backend="torch")
+
+
+def test_kl_select_plain_takes_plain_calls_only():
+    """kl_select_plain, the host-cheap entry of the torch path (KLDynamic.layer_forward on a CPU),
+    gives kl_select's results bit for bit on plain calls and declines (None) every call that
+    kl_select must check or route elsewhere."""
+    x, W, b, loras = make_case(3, 13, seed=8)
+    packed = PackedLoRA.pack(loras)
+    for flags, (direction, reduction, tie) in zip(itertools.product((True, False), repeat=3),
+                                                  itertools.product(("forward", "reverse"), ("batch", "sample"),
+                                                                    ("subject", "style"))):
+        got = kl_select_plain(x, W, b, packed, *flags)
+        want = kl_select(x, W, b, packed, torch.zeros(3, 2), direction=direction, reduction=reduction, tie=tie,
+                         backend="torch")
+        assert all(torch.equal(g, w) for g, w in zip(got, want)), (direction, reduction, tie)
+    rows = kl_select_plain(x[:, 0], W, None, packed, True, False, True)  # 2-D x: each row its own sample
+    assert rows[0].shape == (3, 40) and rows[1].shape == rows[2].shape == (3, 2)
+    declined = {
+        "x fp16, LoRAs fp32": (x.half(), W, b, packed),
+        "weight fp16": (x, W.half(), b, packed),
+        "bias fp64": (x, W, b.double(), packed),
+        "weight (N, 20)": (x, W[:, :20], b, packed),
+        "bias (20,)": (x, W, b[:20], packed),
+        "x on meta": (x.to("meta"), W, b, packed),
+        "empty x": (x[:0], W, b, packed),
+        "three LoRAs": (x, W, b, PackedLoRA.pack(loras + loras[:1])),
+        "weight not a tensor": (x, W.tolist(), b, packed),
+    }
+    for name, args in declined.items():
+        assert kl_select_plain(*args, True, False, True) is None, name
+
+
+@pytest.mark.parametrize("direction,reduction", [("forward", "sample"), ("forward", "batch"), ("reverse", "sample")])
+def test_kl_select_torch_differentiates_through_x(direction, reduction):
+    """Autograd through x (guidance through the denoiser): the torch path updates no tensor that
+    autograd saved, y and D equal the no-grad call bit for bit, and d(|y|^2 + sum D)/dx is the fp64
+    formula's at the same gates."""
+    x, W, b, loras = make_case(2, 9, seed=4)
+    packed = PackedLoRA.pack(loras)
+    xg = x.clone().requires_grad_()
+    y, gates, D = kl_select(xg, W, b, packed, torch.zeros(2, 2), direction=direction, reduction=reduction,
+                            backend="torch")
+    (y.square().sum() + D.sum()).backward()
+    with torch.no_grad():
+        y0, gates0, D0 = kl_select(x, W, b, packed, torch.zeros(2, 2), direction=direction, reduction=reduction,
+                                   backend="torch")
+    assert torch.equal(y.detach(), y0) and torch.equal(gates, gates0) and torch.equal(D.detach(), D0)
+    x64 = x.double().requires_grad_()
+    y64 = formula64(x64, W, b, loras, gates)
+    D64 = kl_divergences64(x64, W, b, loras, direction, reduction)
+    (y64.square().sum() + D64.sum()).backward()
+    err = (xg.grad.double() - x64.grad).norm() / x64.grad.norm()
+    assert err < 1e-5, err
