@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from ..fusion.base import Decision
+
 
 class GateLog:
     """Records of ``method``'s decisions for the patched ``layers`` (objects with ``path`` and
@@ -85,8 +87,6 @@ class GateLog:
         """A copy of a step's decisions that later steps cannot change. A field whose tensor was not
         written since the last snapshot (the same live memory, the same version counter: constant
         scores, gates that did not flip) shares the previous copy instead of being copied again."""
-        from ..fusion.base import Decision
-
         return Decision(self._keep("gates", d.gates), self._keep("tau", d.tau),
                         {k: self._keep("stats." + k, v) for k, v in (d.stats or {}).items()})
 
@@ -197,8 +197,6 @@ class GateLog:
 def _clone_decision(d):
     """A Decision whose tensors are detached copies (the method's may be views of live state), or
     the method's own when it says they are ``fresh`` (new per call, never updated)."""
-    from ..fusion.base import Decision
-
     if getattr(d, "fresh", False) and isinstance(d.gates, torch.Tensor) and not d.gates.requires_grad:
         return d
 
