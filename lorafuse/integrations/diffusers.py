@@ -947,6 +947,9 @@ def accelerate_fusion(
         raise ValueError(f"accelerate_fusion: subject and style must be two different adapters, got {subject!r} twice")
     denoisers = [(c, d) for c, d in denoisers if subject in (getattr(d, "peft_config", None) or {})
                  or style in (getattr(d, "peft_config", None) or {})]
+    from .lora_files import warn_alpha_mismatches
+
+    warn_alpha_mismatches(pipe, [subject, style])  # kohya per-layer alphas PEFT did not apply: say so
     if isinstance(method, str):
         from ..fusion import get_method
 
