@@ -19,14 +19,18 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import warnings
 import weakref
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..fusion.base import FusionMethod
+from ..guidance.config import GuidanceConfig
+from ..guidance.hook import GuidanceHandle
 from .gate_log import GateLog
 
 __all__ = ["FusionHandle", "FusionFallbackWarning", "accelerate_fusion", "remove_fusion"]
@@ -264,6 +268,17 @@ class FusionHandle:
         calls: denoiser calls seen since installation.
     """
 
+    method: FusionMethod
+    subject: str
+    style: str
+    backend: str
+    weights: str
+    log_gates: bool
+    fallbacks: dict[str, int]
+    calls: int
+    guidance: GuidanceHandle | None
+    progress: bool
+
     def __init__(self, pipe, denoisers, method, subject, style, backend, log_gates, scheduler, timestep_divisor,
                  weights="scratch"):
         self._denoisers = denoisers
@@ -311,14 +326,14 @@ class FusionHandle:
         return len(self._layers)
 
     @property
-    def gate_log(self) -> list[dict]:
+    def gate_log(self) -> list[dict[str, Any]]:
         """One dict per (layer, layer call inside a denoiser call), converted to Python lazily."""
         return self._gates.entries()
 
     def clear_gate_log(self) -> None:
         self._gates.clear()
 
-    def plot_gates(self, path, *, which: str = "subject") -> None:
+    def plot_gates(self, path: str | os.PathLike[str], *, which: str = "subject") -> None:
         """Write a PNG heatmap, layers (rows, module paths) x denoising steps (columns, from 1), of
         the ``which`` gate: 1 = that LoRA acts, 0 = it does not (per-sample gates are averaged); see
         :func:`lorafuse.integrations.gate_plot.plot_gate_log`."""
@@ -377,7 +392,7 @@ class FusionHandle:
                 del d.__dict__[_HANDLE_ATTR]
 
     @contextlib.contextmanager
-    def suspended(self):
+    def suspended(self) -> Iterator[FusionHandle]:
         """Within the block the patched layers run PEFT's own forward and denoiser calls are not
         counted or logged (e.g. an extra autograd pass of the denoiser); afterwards all is as before."""
         previous, self._suspended = self._suspended, True
@@ -386,13 +401,13 @@ class FusionHandle:
         finally:
             self._suspended = previous
 
-    def __enter__(self):
+    def __enter__(self) -> FusionHandle:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.remove()
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         state = "removed" if self._removed else "active"
         return (f"FusionHandle({getattr(self.method, 'name', type(self.method).__name__)!r}, subject={self.subject!r}, "
                 f"style={self.style!r}, layers={len(self._layers)}, calls={self.calls}, {state})")
@@ -528,7 +543,7 @@ class FusionHandle:
         self._reload_watch = (pipe, load_lora_weights)
         pipe.load_lora_weights = load_lora_weights
 
-    def summary(self) -> dict:
+    def summary(self) -> dict[str, Any]:
         """What the installation covers: ``layers`` patched, on the ``path`` "merged" (one F.linear on
         merged weights) or "fused" (the fused kernel), ``unpatched``: reason -> number of the two
         adapters' LoRA layers in the denoiser left on PEFT's own forward (they apply PEFT's sum of
@@ -874,18 +889,18 @@ class FusionHandle:
 # entry points
 # ------------------------------------------------------------------------------------------------
 def accelerate_fusion(
-    pipe,
+    pipe: Any,
     subject: str,
     style: str,
-    method: Any = "klora",
+    method: str | FusionMethod = "klora",
     *,
     backend: str = "auto",
     log_gates: bool = True,
     timestep_divisor: float | None = None,
-    guidance=None,
+    guidance: GuidanceConfig | None = None,
     weights: str = "scratch",
     progress: bool | None = None,
-    **method_options,
+    **method_options: Any,
 ) -> FusionHandle:
     """Fuse the LoRA adapters ``subject`` and ``style`` of a diffusers pipeline with a fusion method.
 
@@ -992,7 +1007,7 @@ def accelerate_fusion(
     return handle
 
 
-def remove_fusion(pipe) -> bool:
+def remove_fusion(pipe: Any) -> bool:
     """Remove what :func:`accelerate_fusion` installed on ``pipe`` (True if something was removed)."""
     try:
         denoisers = _find_denoisers(pipe) if not isinstance(pipe, nn.Module) else [("", pipe)]

@@ -21,11 +21,12 @@ import os
 import re
 import types
 import warnings
-from typing import NamedTuple
+from typing import Any, NamedTuple, Sequence
 
 import torch
 
-LoRATriple = tuple  # (A: (r, in), B: (out, r), scale: float)
+# one layer's LoRA: A (r, in), B (out, r) and scale = alpha / r: the delta is scale * B @ A
+LoRATriple = tuple[torch.Tensor, torch.Tensor, float]
 
 FAMILIES = ("sd", "sdxl", "sd3", "flux")
 _DENOISER_PREFIX = {"sd": "unet.", "sdxl": "unet.", "sd3": "transformer.", "flux": "transformer."}
@@ -39,8 +40,8 @@ _SGM_BLOCKS = ("input_blocks", "middle_block", "output_blocks")
 class LoRAPair(NamedTuple):
     """``subject`` and ``style``: {diffusers module path: (A, B, scale)} of the denoiser."""
 
-    subject: dict
-    style: dict
+    subject: dict[str, LoRATriple]
+    style: dict[str, LoRATriple]
 
     def common(self) -> list[str]:
         """Module paths both LoRAs target, in the subject file's order."""
@@ -130,7 +131,7 @@ class LoRAFile(NamedTuple):
     """One file read by :func:`read_lora_file`: its denoiser ``layers`` {module path: (A, B, scale)},
     key ``format`` (:func:`detect_format`), model ``family`` and the number of tensors in it."""
 
-    layers: dict
+    layers: dict[str, LoRATriple]
     format: str
     family: str
     num_tensors: int
@@ -223,7 +224,7 @@ def load_lora_pair(
     style_file: str | os.PathLike,
     *,
     family: str | None = None,
-    unet_config: dict | None = None,
+    unet_config: dict[str, Any] | None = None,
 ) -> LoRAPair:
     """Read a subject and a style LoRA: ``LoRAPair(subject={path: (A, B, scale)}, style={...})``.
 
@@ -348,13 +349,13 @@ def _mismatches(pipe, adapters):
                 yield comp, model, adapter, found
 
 
-def pipeline_alpha_mismatches(pipe, adapters=None) -> dict[tuple[str, str], list[AlphaMismatch]]:
+def pipeline_alpha_mismatches(pipe: Any, adapters: Sequence[str] | None = None) -> dict[tuple[str, str], list[AlphaMismatch]]:
     """{(component, adapter): :func:`peft_alpha_mismatches`} over a pipeline's components (or one
     module), for ``adapters`` (default: every adapter loaded); only non-empty lists."""
     return {(comp, adapter): found for comp, _, adapter, found in _mismatches(pipe, adapters)}
 
 
-def warn_alpha_mismatches(pipe, adapters=None, stacklevel: int = 3) -> int:
+def warn_alpha_mismatches(pipe: Any, adapters: Sequence[str] | None = None, stacklevel: int = 3) -> int:
     """One :class:`LoRAAlphaWarning` per (component, adapter) of :func:`pipeline_alpha_mismatches`,
     naming the adapter, the number of layers and one example; returns the number of layers."""
     total = 0
@@ -374,7 +375,7 @@ def warn_alpha_mismatches(pipe, adapters=None, stacklevel: int = 3) -> int:
     return total
 
 
-def fix_peft_alphas(pipe, adapters=None) -> int:
+def fix_peft_alphas(pipe: Any, adapters: Sequence[str] | None = None) -> int:
     """Give every layer :func:`pipeline_alpha_mismatches` finds its file's alpha: ``lora_alpha[adapter]``
     is set (``set_adapters`` recomputes the scaling from it) and ``scaling[adapter]`` is multiplied by
     expected / loaded alpha (keeping a ``set_adapters`` weight already applied). Returns the number of
