@@ -50,6 +50,9 @@ _ADAPTERS_CHANGED = "not exactly the two fused adapters active (set_adapters cha
 _USERS_CHOICE = (_DISABLED, _MERGED, _MIXED_BATCH, _NOT_STARTED, _DELETED, _ADAPTERS_CHANGED)
 _SILENT = (_DISABLED,)  # the base layer is what PEFT gives: no warning
 _MISSING = object()
+# enable_group_offload(offload_type="leaf_level"): the weights are onloaded by the forwards of the
+# layer's own leaves, which only PEFT's forward calls (see integrations/offload.py)
+_LEAF_OFFLOAD = "weights onloaded by their own hooks (leaf-level group offloading)"
 
 
 class FusionFallbackWarning(UserWarning):
@@ -124,6 +127,12 @@ def _progress_bar(desc: str):
     return progress
 
 
+def _group_offload_leaf(*modules: nn.Module) -> bool:
+    from .offload import has_own_offload_hook
+
+    return has_own_offload_hook(*modules)
+
+
 def _unwrap(module: nn.Module) -> nn.Module:
     """The module a ``torch.compile``-d wrapper (``OptimizedModule``) compiles, else the module."""
     return getattr(module, "_orig_mod", module) if isinstance(module, nn.Module) else module
@@ -181,9 +190,16 @@ def _timestep_divisor(denoiser: nn.Module, scheduler) -> float:
     return float(n) if n else 1000.0
 
 
-def _real_weight(linear: nn.Module) -> torch.Tensor:
-    """``linear.weight``, or under accelerate's sequential offload (weights on meta) the offloaded copy."""
+def _real_weight(linear: nn.Module, disk: dict | None = None) -> torch.Tensor:
+    """``linear.weight``, or under accelerate's sequential offload (weights on meta) the offloaded copy,
+    or under diffusers' disk group offloading (``disk``: :func:`.offload.disk_copies`) the stored one."""
     w = linear.weight
+    if disk and id(w) in disk:
+        from .offload import read_disk_copy
+
+        stored = read_disk_copy(disk[id(w)], w)
+        if stored is not None:
+            return stored
     if w.is_meta:
         hook = getattr(linear, "_hf_hook", None)
         wmap = getattr(hook, "weights_map", None)
@@ -309,6 +325,7 @@ class FusionHandle:
         self.guidance = None  # a lorafuse.guidance.GuidanceHandle when accelerate_fusion(guidance=...)
         self._unpatched: list[tuple[str, str]] = []  # (module path, why) of LoRA layers left on PEFT
         self._reload_watch = None  # (pipe, our load_lora_weights) while installed
+        self._offload_watch: list = []  # (pipeline or denoiser, method name, our wrapper): see offload.py
         self.progress = False  # a progress bar for the method's preparation (accelerate_fusion(progress=...))
         self._te_scaled: list[tuple[Any, str, Any, Any]] = []  # (text-encoder layer, adapter, saved, ours)
 
@@ -358,13 +375,17 @@ class FusionHandle:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+        if self._offload_watch:
+            from .offload import unwatch
+
+            unwatch(self._offload_watch)
         if self._reload_watch is not None:
             pipe, fn = self._reload_watch
             if pipe.__dict__.get("load_lora_weights") is fn:
                 del pipe.__dict__["load_lora_weights"]
             self._reload_watch = None
         if self._merged is not None:  # in place mode: every original back, bit for bit
-            self._merged.release([rec.base.weight if rec.base is not None else None for rec in self._layers])
+            self._merged.release([_real_weight(rec.base) if rec.base is not None else None for rec in self._layers])
             self._merged = None
         for rec in self._layers:
             m = rec.module
@@ -474,14 +495,17 @@ class FusionHandle:
         the merged weights; at install, and again when an adapter is reloaded (hotswap)."""
         from ..fusion.base import FusionMethod, LayerLoRAs
 
+        from .offload import disk_copies
+
         s, t = self.subject, self.style
+        disk = disk_copies(_unwrap(d) for _, d in self._denoisers)  # offloaded to disk: read the stored values
         loras = []
         for rec in self._layers:
             mod = rec.module
             loras.append(LayerLoRAs(
                 name=f"{rec.component}.{rec.path}",
-                subject=(_real_weight(mod.lora_A[s]), _real_weight(mod.lora_B[s]), mod.scaling[s]),
-                style=(_real_weight(mod.lora_A[t]), _real_weight(mod.lora_B[t]), mod.scaling[t]),
+                subject=(_real_weight(mod.lora_A[s], disk), _real_weight(mod.lora_B[s], disk), mod.scaling[s]),
+                style=(_real_weight(mod.lora_A[t], disk), _real_weight(mod.lora_B[t], disk), mod.scaling[t]),
             ))
             rec.install_weights = self._weights_versions(mod)
             rec.stale_warned, rec.fp, rec.packed = False, None, None
@@ -542,6 +566,22 @@ class FusionHandle:
 
         self._reload_watch = (pipe, load_lora_weights)
         pipe.load_lora_weights = load_lora_weights
+
+    def _watch_offload(self, pipe) -> None:
+        """Before offloading is enabled on the pipeline or a denoiser (it copies the weights as they
+        are), in place mode hands every original weight back; the next call merges again."""
+        from .offload import watch_offload
+
+        ref = weakref.ref(self)
+
+        def hand_back() -> None:
+            h = ref()
+            if h is not None and not h._removed:
+                for rec in h._layers:
+                    h._hand_back(rec)
+
+        objects = ([] if isinstance(pipe, nn.Module) else [pipe]) + [d for _, d in self._denoisers]
+        self._offload_watch = watch_offload(objects, hand_back)
 
     def summary(self) -> dict[str, Any]:
         """What the installation covers: ``layers`` patched, on the ``path`` "merged" (one F.linear on
@@ -757,8 +797,8 @@ class FusionHandle:
     def _hand_back(self, rec: _Layer) -> None:
         """Before PEFT's own code runs on the layer: in place mode, its original weight back."""
         rec.fp = None
-        if self._merged is not None and self._merged.mode == "inplace":
-            self._merged.restore(rec.index, rec.base.weight)
+        if self._merged is not None and self._merged.mode == "inplace":  # (on meta: into accelerate's copy)
+            self._merged.restore(rec.index, _real_weight(rec.base))
 
     def _make_merge_guard(self, rec: _Layer):
         ref = weakref.ref(self)
@@ -805,6 +845,8 @@ class FusionHandle:
         base = m.get_base_layer()
         if type(base) is not nn.Linear:
             return "base layer is not a plain nn.Linear (quantized or wrapped)"
+        if _group_offload_leaf(base, m.lora_A[s], m.lora_B[s], m.lora_A[t], m.lora_B[t]):
+            return _LEAF_OFFLOAD
         w = base.weight
         dev = x.device
         if w.device != dev:
@@ -989,6 +1031,7 @@ def accelerate_fusion(
     handle.progress = bool(progress)
     try:
         handle._install()
+        handle._watch_offload(pipe)
         if not isinstance(pipe, nn.Module):
             handle._weight_text_encoders(pipe)
             if hasattr(type(pipe), "load_lora_weights"):
