@@ -282,6 +282,10 @@ class FusionHandle:
         layer_names: module paths of the patched layers, in method layer-index order.
         fallbacks: reason -> number of layer calls that ran PEFT's own forward for that reason.
         calls: denoiser calls seen since installation.
+        guidance: the :class:`~lorafuse.guidance.GuidanceHandle` of ``accelerate_fusion(guidance=...)``.
+
+    Which adapters it activates, what falls back and why, and the order with compile / offload /
+    hotswap: see :func:`accelerate_fusion`; :meth:`summary` says what this installation covers.
     """
 
     method: FusionMethod
@@ -975,6 +979,48 @@ def accelerate_fusion(
 
     Returns a :class:`FusionHandle`; ``handle.remove()`` or :func:`remove_fusion` undo everything.
     Calling again on the same pipeline replaces the previous installation.
+
+    Which adapters are active: on every LoRA layer of the denoiser(s) that holds ``subject`` or
+    ``style``, exactly ``[subject, style]`` (other adapters of those layers are inactive there until
+    ``remove()``); the method's gates then pick per layer and step. Text encoders keep the adapters you
+    activated; "merge", "subject" and "style" weight their LoRA scalings as ``set_adapters`` would.
+    A :class:`~lorafuse.integrations.lora_files.LoRAAlphaWarning` says when diffusers / PEFT loaded one
+    of the two adapters with other per-layer scales than its file (kohya files with per-layer alphas;
+    :func:`~lorafuse.integrations.lora_files.fix_peft_alphas` repairs them).
+
+    What falls back, and why: a patched layer call the fused / merged path cannot take runs PEFT's
+    own forward (warned once per reason, counted in :attr:`FusionHandle.fallbacks`):
+
+    - driven with the method's gates (only the selected adapter active: same result, slower) for DoRA
+      or LoRA bias, a base layer that is not a plain ``nn.Linear`` (quantized), weights on meta or on
+      another device than the input (accelerate's sequential offload), weights onloaded by the
+      layer's own hooks (leaf-level group offloading), a storage dtype other than the
+      compute dtype, autograd through trainable weights, LoRA dropout in training mode. "kl" decides
+      inside its fused kernel: there PEFT applies the sum of both adapters, and the warning says so;
+    - as your PEFT state says (no gates) after ``disable_lora()`` (the base layer), ``fuse_lora()``,
+      ``set_adapters`` to other adapters, ``adapter_names=`` calls, a deleted adapter, and calls
+      outside a denoiser call.
+
+    LoRA layers that are never patched (conv LoRAs, layers only one of the adapters targets, layers
+    that already have an instance forward, e.g. from ``enable_layerwise_casting``) apply PEFT's sum;
+    :meth:`FusionHandle.summary` and one INFO line on the ``lorafuse`` logger list them per reason.
+
+    Order with other diffusers features:
+
+    - ``torch.compile``: before or after; the compiled module's layers are patched and a compiled
+      graph runs the fused path (merged weights are handed back at the first traced call).
+    - offloading: before or after. Block-level group offloading and model offload keep the merged /
+      fused path (merged weights are rebuilt after each onload, which gives new tensors; "scratch"
+      keeps its copies on the onload device, so "inplace" or "off" save device memory); sequential
+      and leaf-level offloading fall back as above. With ``weights="inplace"`` the originals are
+      written back before the pipeline's or denoiser's ``enable_model_cpu_offload``,
+      ``enable_sequential_cpu_offload``, ``enable_group_offload`` or ``enable_layerwise_casting``
+      copies the weights (``accelerate.cpu_offload`` called directly gets them at the first fallback;
+      call ``apply_group_offloading`` directly only before ``accelerate_fusion`` or its first image).
+    - hotswap: ``pipe.load_lora_weights(file, adapter_name=<subject or style>, hotswap=True)`` on the
+      pipeline re-prepares the method, the packed factors and the merged weights.
+    - ``fuse_lora()``: unfuse before ``accelerate_fusion`` (it raises otherwise); after it, PEFT's
+      merged sum runs (warned).
     """
     if not isinstance(subject, str) or not isinstance(style, str):
         raise TypeError("accelerate_fusion: subject and style must be adapter names (str)")
