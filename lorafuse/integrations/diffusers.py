@@ -32,6 +32,7 @@ from ..fusion.base import FusionMethod
 from ..guidance.config import GuidanceConfig
 from ..guidance.hook import GuidanceHandle
 from .gate_log import GateLog
+from .offload import has_own_offload_hook
 
 __all__ = ["FusionHandle", "FusionFallbackWarning", "accelerate_fusion", "remove_fusion"]
 
@@ -125,12 +126,6 @@ def _progress_bar(desc: str):
         return tqdm(iterable, total=total, desc=desc, unit="layer", delay=1.0, leave=False)
 
     return progress
-
-
-def _group_offload_leaf(*modules: nn.Module) -> bool:
-    from .offload import has_own_offload_hook
-
-    return has_own_offload_hook(*modules)
 
 
 def _unwrap(module: nn.Module) -> nn.Module:
@@ -584,7 +579,7 @@ class FusionHandle:
                 for rec in h._layers:
                     h._hand_back(rec)
 
-        objects = ([] if isinstance(pipe, nn.Module) else [pipe]) + [d for _, d in self._denoisers]
+        objects = ([] if isinstance(pipe, nn.Module) else [pipe]) + [_unwrap(d) for _, d in self._denoisers]
         self._offload_watch = watch_offload(objects, hand_back)
 
     def summary(self) -> dict[str, Any]:
@@ -849,7 +844,7 @@ class FusionHandle:
         base = m.get_base_layer()
         if type(base) is not nn.Linear:
             return "base layer is not a plain nn.Linear (quantized or wrapped)"
-        if _group_offload_leaf(base, m.lora_A[s], m.lora_B[s], m.lora_A[t], m.lora_B[t]):
+        if has_own_offload_hook(base, m.lora_A[s], m.lora_B[s], m.lora_A[t], m.lora_B[t]):
             return _LEAF_OFFLOAD
         w = base.weight
         dev = x.device

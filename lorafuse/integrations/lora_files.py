@@ -349,7 +349,9 @@ def _mismatches(pipe, adapters):
                 yield comp, model, adapter, found
 
 
-def pipeline_alpha_mismatches(pipe: Any, adapters: Sequence[str] | None = None) -> dict[tuple[str, str], list[AlphaMismatch]]:
+def pipeline_alpha_mismatches(
+    pipe: Any, adapters: Sequence[str] | None = None
+) -> dict[tuple[str, str], list[AlphaMismatch]]:
     """{(component, adapter): :func:`peft_alpha_mismatches`} over a pipeline's components (or one
     module), for ``adapters`` (default: every adapter loaded); only non-empty lists."""
     return {(comp, adapter): found for comp, _, adapter, found in _mismatches(pipe, adapters)}

@@ -350,10 +350,10 @@ def mixed_alpha_kohya(family, pipe, seed):
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
 def test_per_layer_alphas_peft_lost_are_warned_and_fixed(family, tmp_path):
-    """Issue 13 case 7: diffusers 0.42 + PEFT give the attn1 layers of a kohya file with per-layer alphas
-    the most common alpha (3, scale 0.75) instead of the file's (1, scale 0.25) on attn1 to_q / to_k; `lorafuse inspect` and
-    load_lora_pair read 0.25. accelerate_fusion says so (adapter, count, one example, the fix), and
-    fix_peft_alphas makes PEFT's scales those of the file, set_adapters weights kept."""
+    """Issue 13 case 7: diffusers 0.42 + PEFT give the attn1 to_q / to_k layers of a kohya file with
+    per-layer alphas the most common alpha (3, scale 0.75) instead of the file's (1, scale 0.25);
+    `lorafuse inspect` and load_lora_pair read 0.25. accelerate_fusion says so (adapter, count, one
+    example, the fix), and fix_peft_alphas makes PEFT's scales those of the file, set_adapters weights kept."""
     from lorafuse import accelerate_fusion
     from lorafuse.commands.inspect_lora import describe_file
     from lorafuse.integrations import LoRAAlphaWarning, fix_peft_alphas
@@ -395,7 +395,8 @@ def test_per_layer_alphas_peft_lost_are_warned_and_fixed(family, tmp_path):
     fixed = peft_view(pipe.unet, "sbj")
     assert all(fixed[p][2] == pytest.approx(0.5 * pair.subject[p][2], rel=1e-12) for p in pair.subject)
     pipe.set_adapters(["sbj", "sty"], [1.0, 1.0])  # PEFT recomputes the scalings from the fixed alphas
-    assert {p: s for p, (_, _, s) in peft_view(pipe.unet, "sbj").items()} == {p: s for p, (_, _, s) in pair.subject.items()}
+    refreshed = peft_view(pipe.unet, "sbj")
+    assert {p: s for p, (*_, s) in refreshed.items()} == {p: s for p, (*_, s) in pair.subject.items()}
     with warnings.catch_warnings():
         warnings.simplefilter("error", LoRAAlphaWarning)
         accelerate_fusion(pipe, "sbj", "sty", method="merge", progress=False).remove()
