@@ -4,10 +4,10 @@ diffusers and PEFT are imported lazily (inside the functions), so importing lora
 """
 
 from .diffusers import FusionFallbackWarning, FusionHandle, accelerate_fusion, remove_fusion
-from .lora_files import LoRAPair, load_lora_layers, load_lora_pair
+from .lora_files import LoRAAlphaWarning, LoRAPair, fix_peft_alphas, load_lora_layers, load_lora_pair
 from .module import ModuleFusion, fuse_module, fuse_modules
 
 __all__ = [
-    "FusionFallbackWarning", "FusionHandle", "LoRAPair", "ModuleFusion", "accelerate_fusion", "fuse_module",
-    "fuse_modules", "load_lora_layers", "load_lora_pair", "remove_fusion",
+    "FusionFallbackWarning", "FusionHandle", "LoRAAlphaWarning", "LoRAPair", "ModuleFusion", "accelerate_fusion",
+    "fix_peft_alphas", "fuse_module", "fuse_modules", "load_lora_layers", "load_lora_pair", "remove_fusion",
 ]

@@ -23,16 +23,21 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import struct
 import warnings
 import weakref
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..fusion.base import FusionMethod
+from ..guidance.config import GuidanceConfig
+from ..guidance.hook import GuidanceHandle
 from .gate_log import GateLog
+from .offload import has_own_offload_hook
 
 __all__ = ["FusionHandle", "FusionFallbackWarning", "accelerate_fusion", "remove_fusion"]
 
@@ -56,6 +61,9 @@ _CAST_HOOK = "layerwise_casting"  # diffusers' HookRegistry name of that hook
 COVERAGES = ("method", "peft")  # accelerate_fusion(coverage=...)
 _SILENT = (_DISABLED,)  # the base layer is what PEFT gives: no warning
 _MISSING = object()
+# enable_group_offload(offload_type="leaf_level"): the weights are onloaded by the forwards of the
+# layer's own leaves, which only PEFT's forward calls (see integrations/offload.py)
+_LEAF_OFFLOAD = "weights onloaded by their own hooks (leaf-level group offloading)"
 
 
 class FusionFallbackWarning(UserWarning):
@@ -213,9 +221,16 @@ def _progress_of(ts, divisor: float):
     return t0, (1.0 - t0 / divisor).clamp(0.0, 1.0)
 
 
-def _real_weight(linear: nn.Module) -> torch.Tensor:
-    """``linear.weight``, or under accelerate's sequential offload (weights on meta) the offloaded copy."""
+def _real_weight(linear: nn.Module, disk: dict | None = None) -> torch.Tensor:
+    """``linear.weight``, or under accelerate's sequential offload (weights on meta) the offloaded copy,
+    or under diffusers' disk group offloading (``disk``: :func:`.offload.disk_copies`) the stored one."""
     w = linear.weight
+    if disk and id(w) in disk:
+        from .offload import read_disk_copy
+
+        stored = read_disk_copy(disk[id(w)], w)
+        if stored is not None:
+            return stored
     if w.is_meta:
         hook = getattr(linear, "_hf_hook", None)
         wmap = getattr(hook, "weights_map", None)
@@ -359,7 +374,22 @@ class FusionHandle:
         layer_names: module paths of the patched layers, in method layer-index order.
         fallbacks: reason -> number of layer calls that left the fused / merged path for that reason.
         calls: denoiser calls seen since installation.
+        guidance: the :class:`~lorafuse.guidance.GuidanceHandle` of ``accelerate_fusion(guidance=...)``.
+
+    Which adapters it activates, what falls back and why, and the order with compile / offload /
+    hotswap: see :func:`accelerate_fusion`; :meth:`summary` says what this installation covers.
     """
+
+    method: FusionMethod
+    subject: str
+    style: str
+    backend: str
+    weights: str
+    log_gates: bool
+    fallbacks: dict[str, int]
+    calls: int
+    guidance: GuidanceHandle | None
+    progress: bool
 
     def __init__(self, pipe, denoisers, method, subject, style, backend, log_gates, scheduler, timestep_divisor,
                  weights="scratch"):
@@ -392,6 +422,7 @@ class FusionHandle:
         self.guidance = None  # a lorafuse.guidance.GuidanceHandle when accelerate_fusion(guidance=...)
         self._unpatched: list[tuple[str, str]] = []  # (module path, why) of LoRA layers left on PEFT
         self._reload_watch = None  # (pipe, our load_lora_weights) while installed
+        self._offload_watch: list = []  # (pipeline or denoiser, method name, our wrapper): see offload.py
         self.progress = False  # a progress bar for the method's preparation (accelerate_fusion(progress=...))
         self._te_scaled: list[tuple[Any, str, Any, Any]] = []  # (text-encoder layer, adapter, saved, ours)
         self._hook_slots: list[tuple[Any, str, Any, Any]] = []  # (diffusers hook fn ref, attribute, saved, ours)
@@ -413,14 +444,14 @@ class FusionHandle:
         return len(self._layers)
 
     @property
-    def gate_log(self) -> list[dict]:
+    def gate_log(self) -> list[dict[str, Any]]:
         """One dict per (layer, layer call inside a denoiser call), converted to Python lazily."""
         return self._gates.entries()
 
     def clear_gate_log(self) -> None:
         self._gates.clear()
 
-    def plot_gates(self, path, *, which: str = "subject") -> None:
+    def plot_gates(self, path: str | os.PathLike[str], *, which: str = "subject") -> None:
         """Write a PNG heatmap, layers (rows, module paths) x denoising steps (columns, from 1), of
         the ``which`` gate: 1 = that LoRA acts, 0 = it does not (per-sample gates are averaged); see
         :func:`lorafuse.integrations.gate_plot.plot_gate_log`."""
@@ -445,13 +476,17 @@ class FusionHandle:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+        if self._offload_watch:
+            from .offload import unwatch
+
+            unwatch(self._offload_watch)
         if self._reload_watch is not None:
             pipe, fn = self._reload_watch
             if pipe.__dict__.get("load_lora_weights") is fn:
                 del pipe.__dict__["load_lora_weights"]
             self._reload_watch = None
         if self._merged is not None:  # in place mode: every original back, bit for bit
-            self._merged.release([rec.base.weight if rec.base is not None else None for rec in self._layers])
+            self._merged.release([_real_weight(rec.base) if rec.base is not None else None for rec in self._layers])
             self._merged = None
         for rec in self._layers:
             m = rec.module
@@ -498,7 +533,7 @@ class FusionHandle:
                         setattr(ref, attr, type(rec.module).forward.__get__(rec.module))
 
     @contextlib.contextmanager
-    def suspended(self):
+    def suspended(self) -> Iterator[FusionHandle]:
         """Within the block the patched layers run PEFT's own forward and denoiser calls are not
         counted or logged (e.g. an extra autograd pass of the denoiser); afterwards all is as before."""
         previous, self._suspended = self._suspended, True
@@ -507,13 +542,13 @@ class FusionHandle:
         finally:
             self._suspended = previous
 
-    def __enter__(self):
+    def __enter__(self) -> FusionHandle:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.remove()
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         state = "removed" if self._removed else "active"
         return (f"FusionHandle({getattr(self.method, 'name', type(self.method).__name__)!r}, subject={self.subject!r}, "
                 f"style={self.style!r}, layers={len(self._layers)}, calls={self.calls}, {state})")
@@ -679,14 +714,17 @@ class FusionHandle:
         the merged weights; at install, and again when an adapter is reloaded (hotswap)."""
         from ..fusion.base import FusionMethod, LayerLoRAs
 
+        from .offload import disk_copies
+
         s, t = self.subject, self.style
+        disk = disk_copies(_unwrap(d) for _, d in self._denoisers)  # offloaded to disk: read the stored values
         loras = []
         for rec in self._layers:
             mod = rec.module
             loras.append(LayerLoRAs(
                 name=f"{rec.component}.{rec.path}",
-                subject=(_real_weight(mod.lora_A[s]), _real_weight(mod.lora_B[s]), mod.scaling[s]),
-                style=(_real_weight(mod.lora_A[t]), _real_weight(mod.lora_B[t]), mod.scaling[t]),
+                subject=(_real_weight(mod.lora_A[s], disk), _real_weight(mod.lora_B[s], disk), mod.scaling[s]),
+                style=(_real_weight(mod.lora_A[t], disk), _real_weight(mod.lora_B[t], disk), mod.scaling[t]),
             ))
             rec.install_weights = self._weights_versions(mod)
             rec.stale_warned, rec.fp, rec.packed = False, None, None
@@ -748,7 +786,23 @@ class FusionHandle:
         self._reload_watch = (pipe, load_lora_weights)
         pipe.load_lora_weights = load_lora_weights
 
-    def summary(self) -> dict:
+    def _watch_offload(self, pipe) -> None:
+        """Before offloading is enabled on the pipeline or a denoiser (it copies the weights as they
+        are), in place mode hands every original weight back; the next call merges again."""
+        from .offload import watch_offload
+
+        ref = weakref.ref(self)
+
+        def hand_back() -> None:
+            h = ref()
+            if h is not None and not h._removed:
+                for rec in h._layers:
+                    h._hand_back(rec)
+
+        objects = ([] if isinstance(pipe, nn.Module) else [pipe]) + [_unwrap(d) for _, d in self._denoisers]
+        self._offload_watch = watch_offload(objects, hand_back)
+
+    def summary(self) -> dict[str, Any]:
         """What the installation covers:
 
         - ``layers``: patched layers, on the ``path`` "merged" (one F.linear on merged weights) or
@@ -1009,8 +1063,8 @@ class FusionHandle:
     def _hand_back(self, rec: _Layer) -> None:
         """Before PEFT's own code runs on the layer: in place mode, its original weight back."""
         rec.fp = None
-        if self._merged is not None and self._merged.mode == "inplace":
-            self._merged.restore(rec.index, rec.base.weight)
+        if self._merged is not None and self._merged.mode == "inplace":  # (on meta: into accelerate's copy)
+            self._merged.restore(rec.index, _real_weight(rec.base))
 
     def _make_merge_guard(self, rec: _Layer):
         ref = weakref.ref(self)
@@ -1057,6 +1111,8 @@ class FusionHandle:
         base = m.get_base_layer()
         if type(base) is not nn.Linear:
             return "base layer is not a plain nn.Linear (quantized or wrapped)"
+        if has_own_offload_hook(base, m.lora_A[s], m.lora_B[s], m.lora_A[t], m.lora_B[t]):
+            return _LEAF_OFFLOAD
         w = base.weight
         dev = x.device
         if w.device != dev:
@@ -1176,19 +1232,19 @@ class FusionHandle:
 # entry points
 # ------------------------------------------------------------------------------------------------
 def accelerate_fusion(
-    pipe,
+    pipe: Any,
     subject: str,
     style: str,
-    method: Any = "klora",
+    method: str | FusionMethod = "klora",
     *,
     backend: str = "auto",
     log_gates: bool = True,
     timestep_divisor: float | None = None,
-    guidance=None,
+    guidance: GuidanceConfig | None = None,
     weights: str = "scratch",
     progress: bool | None = None,
     coverage: str = "method",
-    **method_options,
+    **method_options: Any,
 ) -> FusionHandle:
     """Fuse the LoRA adapters ``subject`` and ``style`` of a diffusers pipeline with a fusion method.
 
@@ -1228,6 +1284,48 @@ def accelerate_fusion(
 
     Returns a :class:`FusionHandle`; ``handle.remove()`` or :func:`remove_fusion` undo everything.
     Calling again on the same pipeline replaces the previous installation.
+
+    Which adapters are active: on every LoRA layer of the denoiser(s) that holds ``subject`` or
+    ``style``, exactly ``[subject, style]`` (other adapters of those layers are inactive there until
+    ``remove()``); the method's gates then pick per layer and step. Text encoders keep the adapters you
+    activated; "merge", "subject" and "style" weight their LoRA scalings as ``set_adapters`` would.
+    A :class:`~lorafuse.integrations.lora_files.LoRAAlphaWarning` says when diffusers / PEFT loaded one
+    of the two adapters with other per-layer scales than its file (kohya files with per-layer alphas;
+    :func:`~lorafuse.integrations.lora_files.fix_peft_alphas` repairs them).
+
+    What falls back, and why: a patched layer call the fused / merged path cannot take runs PEFT's
+    own forward (warned once per reason, counted in :attr:`FusionHandle.fallbacks`):
+
+    - driven with the method's gates (only the selected adapter active: same result, slower) for DoRA
+      or LoRA bias, a base layer that is not a plain ``nn.Linear`` (quantized), weights on meta or on
+      another device than the input (accelerate's sequential offload), weights onloaded by the
+      layer's own hooks (leaf-level group offloading), a storage dtype other than the
+      compute dtype, autograd through trainable weights, LoRA dropout in training mode. "kl" decides
+      inside its fused kernel: there PEFT applies the sum of both adapters, and the warning says so;
+    - as your PEFT state says (no gates) after ``disable_lora()`` (the base layer), ``fuse_lora()``,
+      ``set_adapters`` to other adapters, ``adapter_names=`` calls, a deleted adapter, and calls
+      outside a denoiser call.
+
+    LoRA layers that are never patched (conv LoRAs, layers only one of the adapters targets, layers
+    that already have an instance forward, e.g. from ``enable_layerwise_casting``) apply PEFT's sum;
+    :meth:`FusionHandle.summary` and one INFO line on the ``lorafuse`` logger list them per reason.
+
+    Order with other diffusers features:
+
+    - ``torch.compile``: before or after; the compiled module's layers are patched and a compiled
+      graph runs the fused path (merged weights are handed back at the first traced call).
+    - offloading: before or after. Block-level group offloading and model offload keep the merged /
+      fused path (merged weights are rebuilt after each onload, which gives new tensors; "scratch"
+      keeps its copies on the onload device, so "inplace" or "off" save device memory); sequential
+      and leaf-level offloading fall back as above. With ``weights="inplace"`` the originals are
+      written back before the pipeline's or denoiser's ``enable_model_cpu_offload``,
+      ``enable_sequential_cpu_offload``, ``enable_group_offload`` or ``enable_layerwise_casting``
+      copies the weights (``accelerate.cpu_offload`` called directly gets them at the first fallback;
+      call ``apply_group_offloading`` directly only before ``accelerate_fusion`` or its first image).
+    - hotswap: ``pipe.load_lora_weights(file, adapter_name=<subject or style>, hotswap=True)`` on the
+      pipeline re-prepares the method, the packed factors and the merged weights.
+    - ``fuse_lora()``: unfuse before ``accelerate_fusion`` (it raises otherwise); after it, PEFT's
+      merged sum runs (warned).
     """
     if not isinstance(subject, str) or not isinstance(style, str):
         raise TypeError("accelerate_fusion: subject and style must be adapter names (str)")
@@ -1259,6 +1357,9 @@ def accelerate_fusion(
         raise ValueError(f"accelerate_fusion: subject and style must be two different adapters, got {subject!r} twice")
     denoisers = [(c, d) for c, d in denoisers if subject in (getattr(d, "peft_config", None) or {})
                  or style in (getattr(d, "peft_config", None) or {})]
+    from .lora_files import warn_alpha_mismatches
+
+    warn_alpha_mismatches(pipe, [subject, style])  # kohya per-layer alphas PEFT did not apply: say so
     if isinstance(method, str):
         from ..fusion import get_method
 
@@ -1284,6 +1385,7 @@ def accelerate_fusion(
     handle.progress = bool(progress)
     try:
         handle._install()
+        handle._watch_offload(pipe)
         if not isinstance(pipe, nn.Module):
             handle._weight_text_encoders(pipe)
             if hasattr(type(pipe), "load_lora_weights"):
@@ -1305,7 +1407,7 @@ def accelerate_fusion(
     return handle
 
 
-def remove_fusion(pipe) -> bool:
+def remove_fusion(pipe: Any) -> bool:
     """Remove what :func:`accelerate_fusion` installed on ``pipe`` (True if something was removed)."""
     try:
         denoisers = _find_denoisers(pipe) if not isinstance(pipe, nn.Module) else [("", pipe)]

@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import types
-from typing import NamedTuple
+import warnings
+from typing import Any, NamedTuple, Sequence
 
 import torch
 
-LoRATriple = tuple  # (A: (r, in), B: (out, r), scale: float)
+# one layer's LoRA: A (r, in), B (out, r) and scale = alpha / r: the delta is scale * B @ A
+LoRATriple = tuple[torch.Tensor, torch.Tensor, float]
 
 FAMILIES = ("sd", "sdxl", "sd3", "flux")
 _DENOISER_PREFIX = {"sd": "unet.", "sdxl": "unet.", "sd3": "transformer.", "flux": "transformer."}
@@ -37,8 +40,8 @@ _SGM_BLOCKS = ("input_blocks", "middle_block", "output_blocks")
 class LoRAPair(NamedTuple):
     """``subject`` and ``style``: {diffusers module path: (A, B, scale)} of the denoiser."""
 
-    subject: dict
-    style: dict
+    subject: dict[str, LoRATriple]
+    style: dict[str, LoRATriple]
 
     def common(self) -> list[str]:
         """Module paths both LoRAs target, in the subject file's order."""
@@ -115,11 +118,20 @@ def _loader(family: str):
     }[family]
 
 
+def _alpha_module(key: str) -> str:
+    """The PEFT module path an alpha key of diffusers' converters names: the kohya / attention-processor
+    name of the down weight (``...attn1.processor.to_k_lora.down.weight[.alpha]``) or a module path."""
+    from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
+
+    converted = next(iter(convert_unet_state_dict_to_peft({key.removesuffix(".alpha"): None})))
+    return converted.split(".lora_A")[0].removesuffix(".weight")
+
+
 class LoRAFile(NamedTuple):
     """One file read by :func:`read_lora_file`: its denoiser ``layers`` {module path: (A, B, scale)},
     key ``format`` (:func:`detect_format`), model ``family`` and the number of tensors in it."""
 
-    layers: dict
+    layers: dict[str, LoRATriple]
     format: str
     family: str
     num_tensors: int
@@ -166,11 +178,8 @@ def read_lora_file(path: str | os.PathLike, *, family: str | None = None, unet_c
     peft_state = convert_unet_state_dict_to_peft({k: state[full] for k, full in rename.items()})
     alpha_of = {}
     for key, value in alphas.items():
-        if not key.startswith(prefix):
-            continue
-        stem = key[len(prefix):].removesuffix(".alpha")
-        converted = next(iter(convert_unet_state_dict_to_peft({stem: None})))
-        alpha_of[converted.split(".lora_A")[0].removesuffix(".weight")] = float(value)
+        if key.startswith(prefix):
+            alpha_of[_alpha_module(key[len(prefix):])] = float(value)
     for key, value in tensors.items():  # plain diffusers files may carry "<module>.alpha" tensors
         if key.startswith(prefix) and key.endswith(".alpha") and value.numel() == 1:
             alpha_of.setdefault(key[len(prefix):].removesuffix(".alpha"), float(value))
@@ -215,7 +224,7 @@ def load_lora_pair(
     style_file: str | os.PathLike,
     *,
     family: str | None = None,
-    unet_config: dict | None = None,
+    unet_config: dict[str, Any] | None = None,
 ) -> LoRAPair:
     """Read a subject and a style LoRA: ``LoRAPair(subject={path: (A, B, scale)}, style={...})``.
 
@@ -253,3 +262,135 @@ def check_against_model(layers: dict[str, LoRATriple], model: torch.nn.Module, p
             raise ValueError(
                 f"LoRA {path!r}: layer {name!r} has weight {shape}, the LoRA needs ({B.shape[0]}, {A.shape[1]})"
             )
+
+
+# ------------------------------------------------------------------------------------------------
+# per-layer alphas that diffusers / PEFT lost when loading a file into a pipeline
+
+
+class AlphaMismatch(NamedTuple):
+    """One PEFT LoRA layer whose alpha is not the one its file gave it: ``path`` in the model, the
+    adapter's ``rank`` there, the file's alpha (``expected_alpha``) and the one PEFT applies
+    (``loaded_alpha``); the scales are alpha / r (alpha / sqrt(r) with rsLoRA)."""
+
+    path: str
+    rank: int
+    expected_alpha: float
+    loaded_alpha: float
+    expected_scale: float
+    loaded_scale: float
+
+
+class LoRAAlphaWarning(UserWarning):
+    """diffusers / PEFT loaded an adapter with other per-layer scales than its file holds."""
+
+
+def peft_alpha_mismatches(model: torch.nn.Module, adapter: str) -> list[AlphaMismatch]:
+    """The LoRA layers of ``model`` (a denoiser or text encoder loaded by diffusers) whose alpha for
+    ``adapter`` differs from the file's per-layer alpha.
+
+    diffusers hands a file's per-layer alphas to PEFT as ``peft_config[adapter].alpha_pattern``
+    (every alpha but the most common one, which becomes ``lora_alpha``). For kohya files (SD1.5 and
+    SDXL ``lora_unet_*`` keys, diffusers 0.42) the pattern keys keep the attention-processor name of
+    the down weight (``...attn1.processor.to_k_lora.down.weight``), which matches no module: PEFT
+    ignores them (one RuntimeWarning at load) and gives those layers the most common alpha. Here each
+    pattern key PEFT matched no module with is converted to its module path exactly as
+    :func:`read_lora_file` (and so ``lorafuse inspect``) converts it, and that layer's alpha in PEFT
+    (``lora_alpha[adapter]``, which ``set_adapters`` weights do not change) is compared with it.
+    Empty when the config has no pattern (all layers share one alpha) or PEFT applied all of it."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile wrapper
+    cfg = (getattr(model, "peft_config", None) or {}).get(adapter)
+    pattern = dict(getattr(cfg, "alpha_pattern", None) or {})
+    if not pattern:
+        return []
+    layers = {path: m for path, m in model.named_modules()
+              if adapter in (getattr(m, "lora_alpha", None) or {}) and adapter in (getattr(m, "r", None) or {})}
+    ignored = dict(pattern)
+    rules = [(key, re.compile(rf"(.*\.)?({key})$")) for key in pattern]  # PEFT's get_pattern_key rule
+    for path in layers:
+        for key, rule in rules:
+            if key in ignored and rule.match(path):
+                del ignored[key]
+    out = []
+    seen = set()
+    for key, alpha in ignored.items():
+        try:
+            path = _alpha_module(key)
+        except Exception:  # noqa: BLE001 - a key diffusers' converter cannot read: nothing to compare with
+            continue
+        m = layers.get(path)
+        if m is None or path in seen:
+            continue
+        seen.add(path)
+        rank, loaded = int(m.r[adapter]), float(m.lora_alpha[adapter])
+        if float(alpha) == loaded:
+            continue
+        div = math.sqrt(rank) if (getattr(m, "use_rslora", None) or {}).get(adapter, False) else rank
+        out.append(AlphaMismatch(path, rank, float(alpha), loaded, float(alpha) / div, loaded / div))
+    return out
+
+
+def _lora_models(pipe) -> list[tuple[str, torch.nn.Module]]:
+    """(component name, module) of a pipeline's components that carry PEFT adapters, or the module."""
+    if isinstance(pipe, torch.nn.Module):
+        return [(type(pipe).__name__, pipe)]
+    names = ("unet", "transformer", "transformer_2", "prior", "decoder", "text_encoder", "text_encoder_2",
+             "text_encoder_3")
+    return [(n, m) for n in names if isinstance(m := getattr(pipe, n, None), torch.nn.Module)
+            and getattr(getattr(m, "_orig_mod", m), "peft_config", None)]
+
+
+def _mismatches(pipe, adapters):
+    for comp, model in _lora_models(pipe):
+        model = getattr(model, "_orig_mod", model)
+        loaded = getattr(model, "peft_config", None) or {}
+        for adapter in (loaded if adapters is None else [a for a in adapters if a in loaded]):
+            if found := peft_alpha_mismatches(model, adapter):
+                yield comp, model, adapter, found
+
+
+def pipeline_alpha_mismatches(
+    pipe: Any, adapters: Sequence[str] | None = None
+) -> dict[tuple[str, str], list[AlphaMismatch]]:
+    """{(component, adapter): :func:`peft_alpha_mismatches`} over a pipeline's components (or one
+    module), for ``adapters`` (default: every adapter loaded); only non-empty lists."""
+    return {(comp, adapter): found for comp, _, adapter, found in _mismatches(pipe, adapters)}
+
+
+def warn_alpha_mismatches(pipe: Any, adapters: Sequence[str] | None = None, stacklevel: int = 3) -> int:
+    """One :class:`LoRAAlphaWarning` per (component, adapter) of :func:`pipeline_alpha_mismatches`,
+    naming the adapter, the number of layers and one example; returns the number of layers."""
+    total = 0
+    for comp, model, adapter, found in _mismatches(pipe, adapters):
+        n_layers = sum(adapter in (getattr(m, "lora_alpha", None) or {}) for m in model.modules())
+        e = found[0]
+        total += len(found)
+        warnings.warn(
+            f"lorafuse: adapter {adapter!r} was loaded with the wrong LoRA scale on {len(found)} of {n_layers} "
+            f"{comp} layers (e.g. {e.path}: the file's alpha {e.expected_alpha:g} / r {e.rank} = scale "
+            f"{e.expected_scale:g}, PEFT applies {e.loaded_scale:g}): diffusers passed the file's per-layer alphas "
+            "with keys PEFT matched to no module, so the run differs from the file (and from `lorafuse inspect`). "
+            "Fix: lorafuse.integrations.fix_peft_alphas(pipe) after load_lora_weights (or read the file with "
+            "lorafuse.integrations.load_lora_pair, which applies per-layer alphas)",
+            LoRAAlphaWarning, stacklevel=stacklevel,
+        )
+    return total
+
+
+def fix_peft_alphas(pipe: Any, adapters: Sequence[str] | None = None) -> int:
+    """Give every layer :func:`pipeline_alpha_mismatches` finds its file's alpha: ``lora_alpha[adapter]``
+    is set (``set_adapters`` recomputes the scaling from it) and ``scaling[adapter]`` is multiplied by
+    expected / loaded alpha (keeping a ``set_adapters`` weight already applied). Returns the number of
+    layers changed; a second call changes none. ``pipe``: a pipeline or one model (denoiser)."""
+    fixed = 0
+    for _, model, adapter, found in list(_mismatches(pipe, adapters)):
+        modules = dict(model.named_modules())
+        for e in found:
+            m = modules[e.path]
+            m.lora_alpha[adapter] = e.expected_alpha
+            if e.loaded_alpha != 0:
+                m.scaling[adapter] = m.scaling[adapter] * (e.expected_alpha / e.loaded_alpha)
+            else:
+                m.scaling[adapter] = e.expected_scale
+            fixed += 1
+    return fixed

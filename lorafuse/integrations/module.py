@@ -17,19 +17,28 @@ For several layers that share one method (K-LoRA's gamma is global), use :func:`
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
 from ..fusion import Decision, LayerLoRAs, Progress, get_method
+from ..fusion.base import FusionMethod
 from ..kernels import PackedLoRA
+
+
+# a LoRA as fuse_module takes it: A (r, in), B (out, r), scale (a float or a 0-d tensor)
+LoRATriple = tuple[torch.Tensor, torch.Tensor, float | torch.Tensor]
 
 
 class ModuleFusion:
     """Handle of :func:`fuse_modules`: ``step`` sets the progress, ``remove`` restores the modules."""
 
-    def __init__(self, modules: Sequence[nn.Linear], method, layers: Sequence[LayerLoRAs], backend: str):
+    modules: list[nn.Linear]
+    method: FusionMethod
+    backend: str
+
+    def __init__(self, modules: Sequence[nn.Linear], method: FusionMethod, layers: Sequence[LayerLoRAs], backend: str):
         self.modules = list(modules)
         self.method = method
         self.backend = backend
@@ -78,13 +87,13 @@ def _check_linear(module, i: int) -> nn.Linear:
 
 def fuse_modules(
     modules: Sequence[nn.Linear],
-    subjects: Sequence[tuple],
-    styles: Sequence[tuple],
+    subjects: Sequence[LoRATriple],
+    styles: Sequence[LoRATriple],
     method: str = "merge",
     *,
     backend: str = "auto",
     names: Sequence[str] | None = None,
-    **options,
+    **options: Any,
 ) -> ModuleFusion:
     """Patch several ``nn.Linear`` layers that share one fusion method (see :func:`fuse_module`)."""
     modules = [_check_linear(m, i) for i, m in enumerate(modules)]
@@ -122,12 +131,12 @@ def fuse_modules(
 
 def fuse_module(
     module: nn.Linear,
-    subject: tuple,
-    style: tuple,
+    subject: LoRATriple,
+    style: LoRATriple,
     method: str = "merge",
     *,
     backend: str = "auto",
-    **options,
+    **options: Any,
 ) -> ModuleFusion:
     """Patch one ``nn.Linear`` with a subject and a style LoRA ``(A (r, in), B (out, r), scale)``.
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import struct
+import warnings
 
 import pytest
 import torch
@@ -334,6 +335,89 @@ def test_load_lora_pair_and_fuse_matches_peft(tmp_path):
         ref = unet(sample, 500, text).sample
     assert (ref - base).abs().max() > 1e-3  # the LoRAs matter
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
+
+
+def mixed_alpha_kohya(family, pipe, seed):
+    """A kohya file of ``family`` (rank 4) whose attn1 to_q / to_k layers have alpha 1 (a quarter of the
+    attention linears) and all others alpha 3 (the most common one)."""
+    if family == "sd15":
+        sd = to_kohya(lora_state_dict(pipe.unet, "unet", 4, seed=seed), alpha=3.0)
+        return {k: torch.tensor(1.0) if k.endswith(".alpha") and ("_attn1_to_q" in k or "_attn1_to_k" in k) else v
+                for k, v in sd.items()}, {}
+    alpha = lambda p: 1.0 if p.endswith((".attn1.to_q", ".attn1.to_k")) else 3.0  # noqa: E731
+    return sdxl_kohya(pipe.unet, 4, seed=seed, alpha=alpha), {"unet_config": pipe.unet.config}
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_per_layer_alphas_peft_lost_are_warned_and_fixed(family, tmp_path):
+    """Issue 13 case 7: diffusers 0.42 + PEFT give the attn1 to_q / to_k layers of a kohya file with
+    per-layer alphas the most common alpha (3, scale 0.75) instead of the file's (1, scale 0.25);
+    `lorafuse inspect` and load_lora_pair read 0.25. accelerate_fusion says so (adapter, count, one
+    example, the fix), and fix_peft_alphas makes PEFT's scales those of the file, set_adapters weights kept."""
+    from lorafuse import accelerate_fusion
+    from lorafuse.commands.inspect_lora import describe_file
+    from lorafuse.integrations import LoRAAlphaWarning, fix_peft_alphas
+    from lorafuse.integrations.lora_files import pipeline_alpha_mismatches
+
+    pipe = (sd15_pipeline if family == "sd15" else sdxl_pipeline)()
+    sd, kwargs = mixed_alpha_kohya(family, pipe, seed=1)
+    subject = save(tmp_path, "subject", sd)
+    style = save(tmp_path, "style", to_kohya(lora_state_dict(pipe.unet, "unet", 8, seed=2), alpha=4.0))  # one alpha
+    pair = load_lora_pair(subject, style, **kwargs)  # lorafuse's own loader: the file's per-layer scales
+    inspected = describe_file(str(subject), unet_config=kwargs.get("unet_config"))["layers"]  # `lorafuse inspect`
+    assert {p: s for p, (*_, s) in inspected.items()} == {p: s for p, (*_, s) in pair.subject.items()}
+    attn1 = sorted(p for p in pair.subject if p.endswith((".attn1.to_q", ".attn1.to_k")))
+    assert {pair.subject[p][2] for p in attn1} == {0.25} and {s for p, (*_, s) in pair.subject.items()
+                                                                if p not in attn1} == {0.75}
+    with pytest.warns(RuntimeWarning, match="alpha_pattern keys did not match"):  # PEFT's own hint at load
+        pipe.load_lora_weights(str(subject), adapter_name="sbj")
+    pipe.load_lora_weights(str(style), adapter_name="sty")
+    loaded = peft_view(pipe.unet, "sbj")
+    wrong = sorted(p for p in loaded if loaded[p][2] != pair.subject[p][2])
+    assert wrong == attn1 and {loaded[p][2] for p in wrong} == {0.75}  # the bug this guards against
+
+    found = pipeline_alpha_mismatches(pipe)
+    assert list(found) == [("unet", "sbj")]
+    assert sorted(e.path for e in found["unet", "sbj"]) == attn1
+    assert all((e.rank, e.expected_scale, e.loaded_scale) == (4, 0.25, 0.75) for e in found["unet", "sbj"])
+    with pytest.warns(LoRAAlphaWarning) as record:
+        handle = accelerate_fusion(pipe, "sbj", "sty", method="merge", progress=False)
+    handle.remove()
+    msgs = [str(w.message) for w in record if issubclass(w.category, LoRAAlphaWarning)]
+    assert len(msgs) == 1, msgs
+    e = found["unet", "sbj"][0]
+    assert re.search(rf"adapter 'sbj' .* on {len(attn1)} of {len(loaded)} unet layers \(e\.g\. {re.escape(e.path)}: "
+                     r"the file's alpha 1 / r 4 = scale 0\.25, PEFT applies 0\.75\).*fix_peft_alphas\(pipe\)", msgs[0])
+
+    pipe.set_adapters(["sbj", "sty"], [0.5, 1.0])
+    assert fix_peft_alphas(pipe) == len(attn1)
+    assert fix_peft_alphas(pipe) == 0 and pipeline_alpha_mismatches(pipe) == {}
+    fixed = peft_view(pipe.unet, "sbj")
+    assert all(fixed[p][2] == pytest.approx(0.5 * pair.subject[p][2], rel=1e-12) for p in pair.subject)
+    pipe.set_adapters(["sbj", "sty"], [1.0, 1.0])  # PEFT recomputes the scalings from the fixed alphas
+    refreshed = peft_view(pipe.unet, "sbj")
+    assert {p: s for p, (*_, s) in refreshed.items()} == {p: s for p, (*_, s) in pair.subject.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LoRAAlphaWarning)
+        accelerate_fusion(pipe, "sbj", "sty", method="merge", progress=False).remove()
+
+
+def test_alpha_check_has_no_false_alarm(tmp_path):
+    """Files PEFT loads right: one alpha everywhere (kohya), diffusers keys without alphas, and a FLUX
+    diffusers file whose per-module alphas PEFT matched: nothing to report, nothing to fix."""
+    from lorafuse.integrations import fix_peft_alphas
+    from lorafuse.integrations.lora_files import pipeline_alpha_mismatches
+
+    pipe = sd15_pipeline()
+    pipe.load_lora_weights(str(save(tmp_path, "k", to_kohya(lora_state_dict(pipe.unet, "unet", 4, seed=1), 2.0))),
+                           adapter_name="k")
+    pipe.load_lora_weights(str(save(tmp_path, "d", lora_state_dict(pipe.unet, "unet", 8, seed=2))), adapter_name="d")
+    flux = flux_pipeline()
+    sd, _, _, _ = _flux_diffusers_alpha(flux)
+    flux.load_lora_weights(str(save(tmp_path, "f", sd)), adapter_name="f")
+    assert flux.transformer.peft_config["f"].alpha_pattern  # per-module alphas that PEFT did apply
+    for p in (pipe, flux):
+        assert pipeline_alpha_mismatches(p) == {} and fix_peft_alphas(p) == 0
 
 
 # ------------------------------------------------------------------------------------------------
