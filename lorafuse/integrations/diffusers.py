@@ -13,7 +13,14 @@ under layerwise casting), or to PEFT's forward as it is where the user's PEFT st
 follow the ``coverage`` policy (:meth:`FusionHandle._cover`).
 
 A forward pre-hook on each denoiser turns the timestep it receives into the progress ``tau`` in [0, 1]
-(0 = noisiest) and calls ``method.begin_step``; ``tau`` stays a device tensor when the timestep is one.
+(0 = noisiest) and calls ``method.begin_step``; ``tau`` stays a device tensor when the timestep is one
+(a CPU timestep is read on the host: the static methods then decide on the host, bit-identically).
+
+This file holds the installation, the per-call paths and the fallbacks. Beside it, each with one job:
+``discovery`` (denoisers and their LoRA layers), ``timestep`` (timestep -> tau), ``peft_state``
+(a PEFT layer's weights, the keys that say whether packs / merged weights are current, diffusers'
+hooks on it), ``merged`` (merged weights), ``gate_log`` (the decisions), ``replay`` (PEFT's forward
+driven by decisions), ``offload`` (offloading hooks).
 
 diffusers and PEFT are imported lazily: importing this module needs neither.
 """
@@ -24,7 +31,6 @@ import contextlib
 import logging
 import math
 import os
-import struct
 import warnings
 import weakref
 from typing import Any, Iterator
@@ -36,14 +42,22 @@ from torch import nn
 from ..fusion.base import FusionMethod
 from ..guidance.config import GuidanceConfig
 from ..guidance.hook import GuidanceHandle
+from .discovery import (
+    _adapter_layers, _execution_rank, _find_denoisers, _lora_layers, _peft_classes, _unwrap, _why_unpatched,
+)
 from .gate_log import GateLog
 from .offload import has_own_offload_hook
+from .peft_state import (
+    _CAST_HOOK, _casts_to, _compile_key, _diffusers_slot, _flat_conv_lora, _real_weight, _scale_key, _scales_key,
+    _weight_key,
+)
+from .replay import _decide_and_select
+from .timestep import _progress_of, _timestep_divisor, _timestep_position
 
 __all__ = ["FusionHandle", "FusionFallbackWarning", "accelerate_fusion", "remove_fusion"]
 
 _HANDLE_ATTR = "_lorafuse_fusion_handle"
 _log = logging.getLogger("lorafuse")
-_DENOISER_NAMES = ("unet", "transformer", "transformer_2", "prior", "decoder")
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # fallback reasons where the user's own PEFT state decides what the layer computes: PEFT's forward as
 # it is (every other fallback runs PEFT's forward driven with the method's gates for that call)
@@ -57,7 +71,6 @@ _USERS_CHOICE = (_DISABLED, _MERGED, _MIXED_BATCH, _NOT_STARTED, _DELETED, _ADAP
 # diffusers' enable_layerwise_casting: the base weight is stored in another dtype and cast for each
 # call; the fused path then runs on a cast copy (what the hook computes with), not PEFT's forward
 _CAST = "layerwise casting (fused path on the weight cast to the compute dtype)"
-_CAST_HOOK = "layerwise_casting"  # diffusers' HookRegistry name of that hook
 COVERAGES = ("method", "peft")  # accelerate_fusion(coverage=...)
 _SILENT = (_DISABLED,)  # the base layer is what PEFT gives: no warning
 _MISSING = object()
@@ -73,55 +86,6 @@ class FusionFallbackWarning(UserWarning):
 # ------------------------------------------------------------------------------------------------
 # helpers
 # ------------------------------------------------------------------------------------------------
-def _peft_classes():
-    try:
-        from peft.tuners.lora.layer import LoraLayer
-    except ImportError as e:  # pragma: no cover - environment dependent
-        raise ImportError("lorafuse.accelerate_fusion needs `peft` (pip install peft)") from e
-    return LoraLayer
-
-
-def _find_denoisers(pipe) -> list[tuple[str, nn.Module]]:
-    if isinstance(pipe, nn.Module):
-        if getattr(pipe, "peft_config", None) is not None or any(
-            True for _ in _lora_layers(pipe, names=None, limit=1)
-        ):
-            return [(type(pipe).__name__, pipe)]
-        raise ValueError(
-            f"accelerate_fusion: {type(pipe).__name__} carries no PEFT LoRA adapters; load two with "
-            "pipe.load_lora_weights(..., adapter_name=...) first"
-        )
-    found = []
-    for name in _DENOISER_NAMES:
-        mod = getattr(pipe, name, None)
-        if isinstance(mod, nn.Module):
-            found.append((name, mod))
-    if not found:
-        raise ValueError(
-            f"accelerate_fusion: {type(pipe).__name__} has no supported denoiser (looked for the components "
-            f"{', '.join(_DENOISER_NAMES[:2])}); pass a diffusers pipeline with a UNet or a transformer"
-        )
-    return found
-
-
-def _lora_layers(model: nn.Module, names, limit=None):
-    """Yield (path, module) for PEFT LoRA layers of Linear kind (lora_A[a] is an nn.Linear)."""
-    LoraLayer = _peft_classes()
-    n = 0
-    for path, mod in model.named_modules():
-        if not isinstance(mod, LoraLayer):
-            continue
-        lora_a = getattr(mod, "lora_A", None)
-        if not isinstance(lora_a, nn.ModuleDict) or len(lora_a) == 0:
-            continue
-        if names is not None and not all(a in lora_a for a in names):
-            continue
-        if not all(isinstance(lora_a[a], nn.Linear) for a in (names or list(lora_a.keys()))):
-            continue  # conv LoRAs (kohya conv_dim) stay on PEFT
-        yield path, mod
-        n += 1
-        if limit is not None and n >= limit:
-            return
 
 
 def _progress_bar(desc: str):
@@ -136,121 +100,6 @@ def _progress_bar(desc: str):
         return tqdm(iterable, total=total, desc=desc, unit="layer", delay=1.0, leave=False)
 
     return progress
-
-
-def _unwrap(module: nn.Module) -> nn.Module:
-    """The module a ``torch.compile``-d wrapper (``OptimizedModule``) compiles, else the module."""
-    return getattr(module, "_orig_mod", module) if isinstance(module, nn.Module) else module
-
-
-def _adapter_layers(model: nn.Module, names):
-    """(path, module) of every PEFT LoRA layer (linear or conv) that holds any of ``names``."""
-    LoraLayer = _peft_classes()
-    for path, mod in model.named_modules():
-        if isinstance(mod, LoraLayer) and any(a in (getattr(mod, "lora_A", None) or {}) for a in names):
-            yield path, mod
-
-
-def _why_unpatched(mod, s: str, t: str) -> str:
-    lora_a = mod.lora_A
-    if s not in lora_a or t not in lora_a:
-        return f"only the {'subject' if s in lora_a else 'style'} adapter targets it"
-    return "not a linear LoRA (conv)"
-
-
-def _execution_rank(path: str, denoiser: nn.Module) -> int:
-    """UNets register up_blocks before mid_block but run down -> mid -> up: order layers as they run
-    (the official counter mode's per-layer sub-step offset depends on the execution order)."""
-    first = path.split(".", 1)[0]
-    if type(denoiser).__name__.startswith("UNet"):
-        return {"down_blocks": 1, "mid_block": 2, "up_blocks": 3, "conv_norm_out": 4, "conv_out": 4}.get(first, 0)
-    return 0
-
-
-def _timestep_position(denoiser: nn.Module) -> int | None:
-    import inspect
-
-    try:
-        params = list(inspect.signature(denoiser.forward).parameters.values())
-    except (TypeError, ValueError):  # pragma: no cover
-        return None
-    for i, p in enumerate(params):
-        if p.name == "timestep":
-            return i
-    return None
-
-
-def _timestep_divisor(denoiser: nn.Module, scheduler) -> float:
-    """What the denoiser's ``timestep`` must be divided by to give the noise level u in [0, 1].
-
-    SD1.5/SDXL (UNet): t in [0, num_train_timesteps); SD3: sigma * 1000 (FlowMatch num_train_timesteps =
-    1000); FLUX: the pipeline already divides by 1000, so u = t."""
-    cls = type(denoiser).__name__
-    if "Flux" in cls or "Chroma" in cls:
-        return 1.0
-    cfg = getattr(scheduler, "config", None)
-    n = None
-    if cfg is not None:
-        n = cfg.get("num_train_timesteps", None) if hasattr(cfg, "get") else getattr(cfg, "num_train_timesteps", None)
-    return float(n) if n else 1000.0
-
-
-def _f32(v: float) -> float:
-    """``v`` rounded to fp32 (round to nearest even), as a Python float."""
-    return _F32.unpack(_F32.pack(v))[0]
-
-
-_F32 = struct.Struct("f")
-
-
-def _progress_of(ts, divisor: float):
-    """(t0, tau) of a denoiser call's ``timestep``: t0 its first element in fp32, ``tau = clamp(1 -
-    t0 / divisor, 0, 1)`` computed in fp32. A device tensor stays on the device (no host sync: two
-    0-d tensors); a CPU tensor is read on the host and gives Python floats equal, bit for bit, to the
-    fp32 tensor ops (double rounding of one fp32 division or subtraction through fp64 is exact), so
-    the methods decide on the host without a dozen tiny aten ops per step. A Python number keeps
-    fp64 arithmetic."""
-    if not isinstance(ts, torch.Tensor):
-        t0 = float(ts)
-        return t0, min(1.0, max(0.0, 1.0 - t0 / divisor))
-    if ts.device.type == "cpu" and ts.numel():
-        t0 = _f32((ts if ts.numel() == 1 else ts.reshape(-1)[0]).item())
-        q = _f32(1.0 - _f32(t0 / _f32(divisor)))
-        return t0, (q if q != q else min(1.0, max(0.0, q)))  # NaN stays NaN, as clamp() keeps it
-    t0 = ts.reshape(-1)[0].to(torch.float32) if ts.numel() else ts.new_zeros((), dtype=torch.float32)
-    return t0, (1.0 - t0 / divisor).clamp(0.0, 1.0)
-
-
-def _real_weight(linear: nn.Module, disk: dict | None = None) -> torch.Tensor:
-    """``linear.weight``, or under accelerate's sequential offload (weights on meta) the offloaded copy,
-    or under diffusers' disk group offloading (``disk``: :func:`.offload.disk_copies`) the stored one."""
-    w = linear.weight
-    if disk and id(w) in disk:
-        from .offload import read_disk_copy
-
-        stored = read_disk_copy(disk[id(w)], w)
-        if stored is not None:
-            return stored
-    if w.is_meta:
-        hook = getattr(linear, "_hf_hook", None)
-        wmap = getattr(hook, "weights_map", None)
-        if wmap is not None:
-            try:
-                return wmap["weight"]
-            except (KeyError, TypeError):
-                pass
-    return w
-
-
-def _scale_key(s):
-    if isinstance(s, torch.Tensor):
-        return (id(s), s._version)
-    return s
-
-
-def _compile_key(s):
-    # under torch.compile tensor scalings are trusted as packed (no version check inside the graph)
-    return "tensor" if isinstance(s, torch.Tensor) else s
 
 
 @torch._dynamo.disable
@@ -277,62 +126,6 @@ def _leave_merged(h):
             rec.fp = None
 
 
-def _casts_to(base: nn.Module, dtype: torch.dtype) -> bool:
-    """True when diffusers' layerwise casting hook casts ``base``'s weights to ``dtype`` for each call."""
-    registry = getattr(base, "_diffusers_hook", None)
-    hook = getattr(registry, "hooks", {}).get(_CAST_HOOK) if registry is not None else None
-    return hook is not None and getattr(hook, "compute_dtype", None) == dtype
-
-
-def _diffusers_slot(m: nn.Module):
-    """``(fn_ref, attribute)`` holding the innermost forward of diffusers' hook chain on layer ``m``
-    (``enable_layerwise_casting`` wraps PEFT layers in one) when that is still the layer's own class
-    forward, else None."""
-    registry = m.__dict__.get("_diffusers_hook")
-    refs = getattr(registry, "_fn_refs", None)
-    if not refs:
-        return None
-    ref = refs[0]
-    attr = "original_forward" if getattr(ref, "original_forward", None) is not None else "forward"
-    f = getattr(ref, attr, None)
-    if getattr(f, "__func__", None) is type(m).forward and getattr(f, "__self__", None) is m:
-        return ref, attr
-    return None
-
-
-def _flat_conv_lora(m, a):
-    """Adapter ``a`` of conv LoRA layer ``m`` as a linear one: (A (r, C_in kh kw), B (C_out, r), scale),
-    dW = scale B A the conv kernel flattened; None when B is not a 1x1 kernel (no such factorization)."""
-    A, B = _real_weight(m.lora_A[a]), _real_weight(m.lora_B[a])
-    if B.dim() > 2 and any(k != 1 for k in B.shape[2:]):
-        return None
-    return A.reshape(A.shape[0], -1), B.reshape(B.shape[0], -1), m.scaling[a]
-
-
-def _decide_and_select(method, m, x, names, layer, args, kwargs):
-    """A dynamic method's decision for one call of PEFT layer ``m`` (linear or conv) outside the
-    fused kernel: PEFT's pieces (:func:`~lorafuse.integrations.replay.peft_adapter_outputs`) give the
-    per-sample statistics (output channels as the softmax axis: the last axis of a linear's output,
-    axis 1 of a conv's), ``method.decide_from_outputs`` decides with the method's own rule (kept as
-    layer ``layer``'s decision unless None), and each sample gets its selected adapter's output."""
-    from .replay import peft_adapter_outputs, select_per_sample
-
-    f0, ys, ds = peft_adapter_outputs(m, x, names, *args, **kwargs)
-    G = f0.shape[0] if f0.dim() >= 2 else 1
-    if G == 0 or f0.numel() == 0:
-        return ys[0]
-    if isinstance(m.get_base_layer(), nn.modules.conv._ConvNd) and f0.dim() >= 3:
-        f0c, dc, dsty = (t.movedim(1, -1) for t in (f0, *ds))
-    else:
-        f0c, dc, dsty = f0, ds[0], ds[1]
-    gates, _ = method.decide_from_outputs(f0c, dc, dsty, G, layer=layer)
-    return select_per_sample(gates.to(f0.device), ys)
-
-
-def _weight_key(w: torch.Tensor):
-    return (w._version, w.data_ptr(), w.dtype, w.device)
-
-
 class _Layer:
     __slots__ = (
         "index", "component", "path", "module", "base", "forward", "merge_guard", "cache", "ccache",
@@ -355,11 +148,6 @@ class _Layer:
         self.state = None  # its LoRA modules and factor versions at the last run start (FusionHandle._state_key)
         self.packed = None  # fused path: the PackedLoRA of that state
         self.merged = False  # merged path: the layer runs F.linear on its merged weight
-
-
-def _scales_key(m, s, t):
-    sc = m.scaling
-    return _scale_key(sc[s]), _scale_key(sc[t])
 
 
 # ------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ each adapter's scaling times its gate; per-sample gates split the batch). ``remo
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from .tiny import denoiser, peft_layers
 
@@ -142,3 +143,21 @@ class GateReplay:
             m.__dict__.pop("forward", None)
         for m, a in self._saved:
             m._active_adapter = a
+
+
+def _decide_and_select(method, m, x, names, layer, args, kwargs):
+    """A dynamic method's decision for one call of PEFT layer ``m`` (linear or conv) outside the
+    fused kernel: PEFT's pieces (:func:`~lorafuse.integrations.replay.peft_adapter_outputs`) give the
+    per-sample statistics (output channels as the softmax axis: the last axis of a linear's output,
+    axis 1 of a conv's), ``method.decide_from_outputs`` decides with the method's own rule (kept as
+    layer ``layer``'s decision unless None), and each sample gets its selected adapter's output."""
+    f0, ys, ds = peft_adapter_outputs(m, x, names, *args, **kwargs)
+    G = f0.shape[0] if f0.dim() >= 2 else 1
+    if G == 0 or f0.numel() == 0:
+        return ys[0]
+    if isinstance(m.get_base_layer(), nn.modules.conv._ConvNd) and f0.dim() >= 3:
+        f0c, dc, dsty = (t.movedim(1, -1) for t in (f0, *ds))
+    else:
+        f0c, dc, dsty = f0, ds[0], ds[1]
+    gates, _ = method.decide_from_outputs(f0c, dc, dsty, G, layer=layer)
+    return select_per_sample(gates.to(f0.device), ys)
