@@ -41,7 +41,7 @@ class StyleProbe:
 
 
 def _denoisers(pipe):
-    from ..integrations.diffusers import _DENOISER_NAMES
+    from ..integrations.discovery import _DENOISER_NAMES
 
     return [getattr(pipe, n) for n in _DENOISER_NAMES if isinstance(getattr(pipe, n, None), torch.nn.Module)]
 
