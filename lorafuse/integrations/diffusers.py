@@ -71,7 +71,7 @@ _USERS_CHOICE = (_DISABLED, _MERGED, _MIXED_BATCH, _NOT_STARTED, _DELETED, _ADAP
 # diffusers' enable_layerwise_casting: the base weight is stored in another dtype and cast for each
 # call; the fused path then runs on a cast copy (what the hook computes with), not PEFT's forward
 _CAST = "layerwise casting (fused path on the weight cast to the compute dtype)"
-COVERAGES = ("method", "peft")  # accelerate_fusion(coverage=...)
+COVERAGES = ("method", "peft", "none")  # accelerate_fusion(coverage=...)
 _SILENT = (_DISABLED,)  # the base layer is what PEFT gives: no warning
 _MISSING = object()
 # enable_group_offload(offload_type="leaf_level"): the weights are onloaded by the forwards of the
@@ -217,6 +217,7 @@ class FusionHandle:
         self.coverage = "method"  # accelerate_fusion(coverage=...): LoRA layers the kernels do not patch
         self._covered: list[tuple[Any, Any]] = []  # (unpatched layer, the forward that applies the method's rule)
         self._rule_paths: set[str] = set()  # unpatched layers that follow the method's rule (see _cover)
+        self._none_paths: set[str] = set()  # unpatched layers run with no adapter (coverage="none")
 
     # ---------------- public ----------------
     @property
@@ -411,10 +412,11 @@ class FusionHandle:
         """Apply the coverage policy to the two adapters' LoRA layers the kernels do not patch (conv
         LoRAs: SD1.5's 1x1 ``proj_in``/``proj_out``, kohya LoCon; layers only one adapter targets).
 
-        ``coverage="peft"``: left as they are, PEFT's sum of the active adapters (the official K-LoRA
-        code applies no LoRA outside the attention linears it patches; for those it does not patch,
-        plain loading gives this sum). ``coverage="method"`` (default): the method's rule, through
-        PEFT's own forward of the layer (exact for DoRA):
+        ``coverage="peft"``: left as they are, PEFT's sum of the active adapters (what plain loading
+        gives). ``coverage="none"``: neither adapter acts there, PEFT's forward with no adapter active
+        (the base layer), as in the official K-LoRA code, which applies no LoRA outside the attention
+        linears it patches. ``coverage="method"`` (default): the method's rule, through PEFT's own
+        forward of the layer (exact for DoRA):
 
         - constant gates (merge, subject, style): PEFT with each adapter's scaling times its weight,
           as ``set_adapters([subject, style], [w_c, w_s])`` does on every layer;
@@ -438,11 +440,13 @@ class FusionHandle:
         method = self.method
         selecting = isinstance(method, StaticSelectMethod) or hasattr(method, "decide_from_outputs")
         for path, m in uncovered:
-            if self.coverage != "method":
+            if self.coverage == "peft":
                 continue
             both = s in m.lora_A and t in m.lora_A
             rule = None
-            if isinstance(method, ConstantGates):
+            if self.coverage == "none":
+                rule = ("gates", (0.0, 0.0))
+            elif isinstance(method, ConstantGates):
                 rule = ("gates", tuple(method._weights))
             elif not both and selecting:
                 self._rule_paths.add(path)  # the present adapter acts: PEFT's forward as it is
@@ -466,7 +470,7 @@ class FusionHandle:
                 self._hook_slots.append((ref, attr, getattr(ref, attr), fwd))
                 setattr(ref, attr, fwd)
             self._covered.append((m, fwd))
-            self._rule_paths.add(path)
+            (self._none_paths if self.coverage == "none" else self._rule_paths).add(path)
 
     def _make_cover_forward(self, m, rule):
         """The forward of an unpatched LoRA layer under ``coverage="method"`` (see :meth:`_cover`).
@@ -598,16 +602,18 @@ class FusionHandle:
           (``enable_layerwise_casting``: the fused path on a cast copy per call);
         - ``coverage``: the policy for the two adapters' LoRA layers the kernels do not patch;
           ``unpatched``: reason -> number of those layers, split into ``method_gates`` (reason ->
-          layers that follow the method's rule through PEFT's forward) and ``peft_sum`` (reason ->
-          layers left on PEFT's sum of the active adapters; text encoders always stay on PEFT);
+          layers that follow the method's rule through PEFT's forward), ``peft_sum`` (reason ->
+          layers left on PEFT's sum of the active adapters; text encoders always stay on PEFT) and
+          ``no_lora`` (reason -> layers run with neither adapter, ``coverage="none"``);
           ``unpatched_layers``: their paths;
         - ``fallback_calls``: reason -> layer calls that left the fused / merged path so far (see
           :attr:`fallbacks`)."""
         unpatched: dict[str, int] = {}
-        by_policy: dict[str, dict[str, int]] = {"method_gates": {}, "peft_sum": {}}
+        by_policy: dict[str, dict[str, int]] = {"method_gates": {}, "peft_sum": {}, "no_lora": {}}
         for path, why in self._unpatched:
             unpatched[why] = unpatched.get(why, 0) + 1
-            part = by_policy["method_gates" if path in self._rule_paths else "peft_sum"]
+            part = by_policy["method_gates" if path in self._rule_paths else
+                             "no_lora" if path in self._none_paths else "peft_sum"]
             part[why] = part.get(why, 0) + 1
         cast = 0
         for rec in self._layers:
@@ -1066,7 +1072,8 @@ def accelerate_fusion(
             targets): "method" (default) the method's rule through PEFT's own forward of the layer
             (merge weights, klora / est's selection from the layer's own scores, kl's per-sample
             decision; a single adapter acts alone under a selecting method), "peft" PEFT's sum of
-            the active adapters, as loading the LoRAs gives (see :meth:`FusionHandle._cover`).
+            the active adapters, as loading the LoRAs gives, "none" neither adapter (the base layer:
+            the official K-LoRA code's result there) (see :meth:`FusionHandle._cover`).
             ``handle.summary()`` counts the layers per policy and reason.
         **method_options: passed to ``get_method`` (pattern, alpha, beta, D, official mode, ...).
 
@@ -1179,8 +1186,8 @@ def accelerate_fusion(
             if hasattr(type(pipe), "load_lora_weights"):
                 handle._watch_reloads(pipe)
         info = handle.summary()
-        left = [f"{n} ({why}: {'the method' if key == 'method_gates' else 'PEFT'}'s {what})"
-                for key, what in (("method_gates", "rule"), ("peft_sum", "sum")) for why, n in info[key].items()]
+        left = [f"{n} ({why}: {what})" for key, what in (("method_gates", "the method's rule"), ("peft_sum", "PEFT's sum"),
+                                                          ("no_lora", "no LoRA")) for why, n in info[key].items()]
         _log.info("accelerate_fusion %s: %d layers on the %s path%s%s; left on PEFT: %s", info["method"], info["layers"],
                   info["path"], f" (weights={info['weights']})" if info["weights"] else "",
                   f", {info['cast_layers']} of them cast per call (layerwise casting)" if info["cast_layers"] else "",

@@ -291,3 +291,30 @@ def test_fallbacks_inside_a_compiled_denoiser_keep_the_method(method):
     assert msgs and "DoRA" in msgs[0] and sum(h.fallbacks.values()) > 0
     assert close(out, eager), (out - eager).abs().max()
     assert not close(out, peft_sum)
+
+
+def test_coverage_none_runs_the_unpatched_layers_without_lora():
+    """coverage="none" (the official K-LoRA code's result): the conv and single-adapter LoRA layers
+    compute their base layer; the image equals a replay of the logged decisions in which those
+    layers have no adapter active."""
+    from peft.tuners.lora.layer import Conv2d
+
+    pipe = conv_pair()
+    conv, single = "not a linear LoRA (conv)", "only the subject adapter targets it"
+    n_conv = sum(isinstance(m, Conv2d) for m in pipe.unet.modules())
+    h = accelerate_fusion(pipe, "sbj", "sty", "klora", backend="torch", coverage="none")
+    info = h.summary()
+    assert info["coverage"] == "none" and info["method_gates"] == info["peft_sum"] == {}
+    assert info["no_lora"][conv] == n_conv and info["no_lora"][single] > 0
+    out = run(pipe, "sd15", 2)
+    log = h.gate_log
+    uncovered = [pipe.unet.get_submodule(p.split(".", 1)[1]) for p in info["unpatched_layers"]]
+    m = next(m for m in uncovered if isinstance(m, Conv2d))
+    x = torch.randn(2, m.base_layer.in_channels, 4, 4)
+    with torch.no_grad():
+        assert torch.equal(m(x), m.base_layer(x))
+    h.remove()
+    for m in uncovered:  # the replay's reference: those layers with no adapter active
+        m.set_adapter([])
+    assert close(out, replay(pipe, log, 2))
+    assert all("forward" not in m.__dict__ for m in pipe.unet.modules())
