@@ -16,7 +16,6 @@ lorafuse's ops allocate with ``torch.empty`` only.
 
 from __future__ import annotations
 
-import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 # ops that neither compute nor copy: views come from func.is_view; these are the rest

@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 
 from ..kernels import PackedLoRA, fused_lora_linear, kl_select
-from ..kernels.kl_decide import kl_select_plain
+from ..kernels.kl_decide import kl_divergences, kl_select_plain
 from ._common import check_choice, validate_layers
 from .base import Decision, FusionMethod, Progress
 
@@ -106,14 +106,7 @@ class KLDynamic(FusionMethod):
         dt = torch.float64 if f0.dtype == torch.float64 else torch.float32
         f = f0.detach().reshape(M, N).to(dt)
         d = torch.stack((d_c.detach().reshape(M, N), d_s.detach().reshape(M, N)), dim=1).to(dt)  # (M, 2, N)
-        if self.direction == "forward":
-            p0 = torch.softmax(f, dim=-1).unsqueeze(-1)  # (M, N, 1)
-            mu = torch.bmm(d, p0)
-            k = torch.log1p(torch.bmm(torch.expm1(d - mu), p0))
-        else:
-            p = torch.softmax(d + f.unsqueeze(1), dim=-1)
-            nu = (p * d).sum(dim=-1, keepdim=True)
-            k = torch.log1p((p * torch.expm1(nu - d)).sum(dim=-1, keepdim=True))
+        k = kl_divergences(f, d, self.direction == "forward")
         g, D = self._decide_rows(k.reshape(M, 2), G, M // G)
         if layer is not None:
             if not 0 <= layer < self._n:

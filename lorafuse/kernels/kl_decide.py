@@ -52,7 +52,7 @@ import weakref
 import torch
 
 from ._common import HAS_TRITON, check_dtype, resolve_backend
-from .fused_lora_linear import BASE_STATS, LORA_STATS, num_stat_columns
+from .fused_lora_linear import num_stat_columns
 from .packing import PackedLoRA
 
 if HAS_TRITON:
@@ -329,6 +329,29 @@ def kl_select_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     return _select(x, weight, bias, _select_factors(packed), num_samples, forward, batch, tie_subject)
 
 
+def kl_divergences(f0: torch.Tensor, d: torch.Tensor, forward: bool) -> torch.Tensor:
+    """Per row m and LoRA i, the divergence between the output distributions without and with the
+    LoRA, centred on the mean delta (module docstring: accurate in fp32)::
+
+        forward:  k_i,m = KL(p0 || p_i) = log1p(E_p0[expm1(d_i - mu_i)]),  mu_i = E_p0[d_i]
+        reverse:  k_i,m = KL(p_i || p0) = log1p(E_pi[expm1(nu_i - d_i)]),  nu_i = E_pi[d_i]
+
+    p0 = softmax(f0_m), p_i = softmax(f0_m + d_i,m) over the N channels. f0 (M, N), d (M, L, N), one
+    floating dtype -> k (M, L, 1). ``d`` is overwritten (no (M, L, N) buffer allocated) unless
+    autograd needs it."""
+    if forward:
+        p0 = torch.softmax(f0, dim=-1).unsqueeze(-1)  # (M, N, 1)
+        mu = torch.bmm(d, p0)  # (M, L, 1)
+        if d.requires_grad:  # autograd through x (guidance): bmm saved d
+            return torch.log1p(torch.bmm(torch.expm1(d - mu), p0))
+        return torch.bmm(d.sub_(mu).expm1_(), p0).log1p_()
+    p = torch.softmax(d + f0.unsqueeze(1), dim=-1)  # (M, L, N): p_i = softmax(f0 + d_i)
+    nu = (p * d).sum(dim=-1, keepdim=True)
+    if d.requires_grad:
+        return torch.log1p((p * torch.expm1(nu - d)).sum(dim=-1, keepdim=True))
+    return torch.sub(nu, d).expm1_().mul_(p).sum(dim=-1, keepdim=True).log1p_()
+
+
 def _select(x, weight, bias, factors, num_samples, forward, batch, tie_subject):
     """:func:`kl_select_torch` with the packed layer's factors already looked up."""
     a_t, b_diag, b_t, by_max, by_min = factors[:5]
@@ -342,20 +365,7 @@ def _select(x, weight, bias, factors, num_samples, forward, batch, tie_subject):
     f0 = torch.addmm(bias, x2, weight.t()) if bias is not None else torch.mm(x2, weight.t())
     u = torch.mm(x2, a_t)  # (M, L r)
     d = torch.mm(u, b_diag).view(M, L, N)  # d[m, i] = d_i,m
-    if forward:  # k_i = log1p(E_p0[expm1(d_i - mu_i)]), mu_i = E_p0[d_i]
-        p0 = torch.softmax(f0, dim=-1).unsqueeze(-1)  # (M, N, 1)
-        mu = torch.bmm(d, p0)  # (M, L, 1)
-        if d.requires_grad:  # autograd through x (guidance): bmm saved d
-            k = torch.log1p(torch.bmm(torch.expm1(d - mu), p0))  # (M, L, 1)
-        else:  # in place: d is not needed after this (y comes from U), no (M, L, N) buffer allocated
-            k = torch.bmm(d.sub_(mu).expm1_(), p0).log1p_()
-    else:  # k_i = log1p(E_pi[expm1(nu_i - d_i)]), nu_i = E_pi[d_i]
-        p = torch.softmax(d + f0.unsqueeze(1), dim=-1)  # (M, L, N): p_i = softmax(f0 + d_i)
-        nu = (p * d).sum(dim=-1, keepdim=True)
-        if d.requires_grad:
-            k = torch.log1p((p * torch.expm1(nu - d)).sum(dim=-1, keepdim=True))
-        else:  # in place, as above
-            k = torch.sub(nu, d).expm1_().mul_(p).sum(dim=-1, keepdim=True).log1p_()
+    k = kl_divergences(f0, d, forward)  # d is not needed after this (y comes from U)
     G = 1 if batch else num_samples
     D = k.view(G, M // G, L).mean(dim=1)  # (G, L)
     # one-hot of the winner; torch's argmax / argmin return the first index among equal values
@@ -450,4 +460,4 @@ def kl_select(
     return out.y, new, D
 
 
-__all__ = ["kl_decide", "kl_decide_torch", "kl_decide_triton", "kl_select", "kl_select_plain", "kl_select_torch"]
+__all__ = ["kl_decide", "kl_divergences", "kl_decide_torch", "kl_decide_triton", "kl_select", "kl_select_plain", "kl_select_torch"]

@@ -39,7 +39,6 @@ import re
 import string
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 TINY_MODELS = ("lorafuse:tiny-sd15", "lorafuse:small-sd15")
 TINY_SCORERS = {"clip": "lorafuse:tiny-clip", "dino": "lorafuse:tiny-dino"}
