@@ -218,6 +218,7 @@ class FusionHandle:
         self._covered: list[tuple[Any, Any]] = []  # (unpatched layer, the forward that applies the method's rule)
         self._rule_paths: set[str] = set()  # unpatched layers that follow the method's rule (see _cover)
         self._none_paths: set[str] = set()  # unpatched layers run with no adapter (coverage="none")
+        self._cover_scores: dict[str, tuple[Any, tuple[float, float]]] = {}  # path -> (conv layer, klora/est scores)
 
     # ---------------- public ----------------
     @property
@@ -432,7 +433,7 @@ class FusionHandle:
           1x1, a layer another hook already wraps): PEFT's sum, reported as such.
 
         These layers are not in the gate log (it is indexed by the method's layers). Their klora / est
-        scores are computed here, at install (a hotswap re-prepares gamma, not these scores)."""
+        scores are computed here, at install, and again after a hotswap (:meth:`_rescore_cover`)."""
         from ..fusion._common import StaticSelectMethod
         from ..fusion.merge import ConstantGates
 
@@ -452,9 +453,10 @@ class FusionHandle:
                 self._rule_paths.add(path)  # the present adapter acts: PEFT's forward as it is
                 continue
             elif both and isinstance(method, StaticSelectMethod):
-                pair = [_flat_conv_lora(m, a) for a in (s, t)]
-                if None not in pair:
-                    rule = ("static", method.layer_scores(*pair))
+                scores = self._conv_scores(m)
+                if scores is not None:
+                    self._cover_scores[path] = (m, scores)
+                    rule = ("static", path)
             elif both and hasattr(method, "decide_from_outputs"):
                 rule = ("dynamic", None)
             if rule is None:
@@ -471,6 +473,19 @@ class FusionHandle:
                 setattr(ref, attr, fwd)
             self._covered.append((m, fwd))
             (self._none_paths if self.coverage == "none" else self._rule_paths).add(path)
+
+    def _conv_scores(self, m):
+        """klora / est's (score_c, score_s) of conv LoRA layer ``m`` from its flattened deltas, as
+        they are now; None when a B is not a 1x1 kernel."""
+        pair = [_flat_conv_lora(m, a) for a in (self.subject, self.style)]
+        return None if None in pair else self.method.layer_scores(*pair)
+
+    def _rescore_cover(self) -> None:
+        """After a reload of an adapter (hotswap): the covered conv layers' scores from the new factors
+        (the patched layers' are re-prepared by :meth:`_prepare_method`)."""
+        for path, (m, old) in list(self._cover_scores.items()):
+            scores = self._conv_scores(m)
+            self._cover_scores[path] = (m, old if scores is None else scores)
 
     def _make_cover_forward(self, m, rule):
         """The forward of an unpatched LoRA layer under ``coverage="method"`` (see :meth:`_cover`).
@@ -495,7 +510,7 @@ class FusionHandle:
                 return peft_forward_with_gates(m, x, data, names)
             if kind == "dynamic":
                 return _decide_and_select(h.method, m, x, names, None, (), {})
-            gates = h.method.extra_gates(*data)
+            gates = h.method.extra_gates(*h._cover_scores[data][1])
             _, ys, _ = peft_adapter_outputs(m, x, names)
             return select_per_sample(gates.reshape(1, 2).to(ys[0].device), ys)
 
@@ -573,6 +588,7 @@ class FusionHandle:
             h = ref()
             if h is not None and not h._removed and name in (h.subject, h.style):
                 h._prepare_method()
+                h._rescore_cover()
             return out
 
         self._reload_watch = (pipe, load_lora_weights)

@@ -318,3 +318,34 @@ def test_coverage_none_runs_the_unpatched_layers_without_lora():
         m.set_adapter([])
     assert close(out, replay(pipe, log, 2))
     assert all("forward" not in m.__dict__ for m in pipe.unet.modules())
+
+
+def test_hotswap_rescores_the_covered_conv_layers():
+    """A hotswap of the style adapter (conv LoRAs included) gives the covered conv layers the scores
+    a fresh installation on the new factors computes (the patched layers are re-prepared too)."""
+    from torch import nn
+
+    def new_style():
+        unet = sd15_pipeline().unet  # keys of the plain model (no LoRA loaded)
+        sd = lora_state_dict(unet, "unet", 8, seed=7, targets=("to_q", "to_k", "to_v"), scale=0.3)
+        g = torch.Generator().manual_seed(8)
+        for name, mod in unet.named_modules():
+            if isinstance(mod, nn.Conv2d) and name.endswith(("proj_in", "proj_out")):
+                sd[f"unet.{name}.lora_A.weight"] = torch.randn(8, mod.in_channels, 1, 1, generator=g) * 0.3
+                sd[f"unet.{name}.lora_B.weight"] = torch.randn(mod.out_channels, 8, 1, 1, generator=g) * 0.3
+        return sd
+
+    pipe = conv_pair()
+    h = accelerate_fusion(pipe, "sbj", "sty", "klora", backend="torch")
+    before = {p: sc for p, (_, sc) in h._cover_scores.items()}
+    assert before
+    pipe.load_lora_weights(new_style(), adapter_name="sty", hotswap=True)
+    after = {p: sc for p, (_, sc) in h._cover_scores.items()}
+    out = run(pipe, "sd15", 2)
+    h.remove()
+    h = accelerate_fusion(pipe, "sbj", "sty", "klora", backend="torch")
+    fresh = {p: sc for p, (_, sc) in h._cover_scores.items()}
+    ref = run(pipe, "sd15", 2)
+    h.remove()
+    assert after == fresh and after != before
+    assert close(out, ref)
