@@ -41,17 +41,19 @@ class GateLog:
         return its recorder, ``add(layer_index)``. For a per-step method (its decisions are fixed
         once :meth:`~lorafuse.fusion.base.FusionMethod.begin_step` ran) the call's snapshot is taken
         now and ``add`` is the bound ``append`` of the call's index list: the cheapest thing a layer
-        call can do. Otherwise ``add`` is :meth:`record` for this call."""
+        call can do. Otherwise ``add`` keeps each layer call's own Decision (:meth:`record`)."""
         self._compact()
         self._call_info[call] = (timestep, tau)
         d = self.method.step_decisions()
         if d is None:
-            return functools.partial(self._record_in, call)
+            return functools.partial(self._record_raw, call)
         self._step = (call, self._snapshot(d), [])
         return self._step[2].append
 
-    def _record_in(self, call: int, index: int) -> None:
-        self.record(index, call)
+    def _record_raw(self, call: int, index: int) -> None:
+        """:meth:`record` for a method without per-step decisions: the layer's own Decision."""
+        d = _clone_decision(self.method.last_decision(index))
+        self._raw_log.append((index, call, d.gates, d.stats, d.tau))
 
     def entries(self) -> list[dict]:
         """The log as dicts (converted lazily; the same list grows with later calls)."""
@@ -80,8 +82,7 @@ class GateLog:
         if step[1] is not None:
             step[2].append(index)
             return
-        d = _clone_decision(self.method.last_decision(index))
-        self._raw_log.append((index, call, d.gates, d.stats, d.tau))
+        self._record_raw(call, index)
 
     def _snapshot(self, d):
         """A copy of a step's decisions that later steps cannot change. A field whose tensor was not
@@ -136,15 +137,15 @@ class GateLog:
             return
         self._raw_log = []
 
-        def stack(values):
-            if values and all(isinstance(v, torch.Tensor) for v in values) and len(
-                    {(v.shape, v.dtype, v.device) for v in values}) == 1:
-                return torch.stack(values)
+        def stack(values):  # one tensor when they stack (torch checks shapes and devices), else a list
+            if values and isinstance(values[0], torch.Tensor):
+                try:
+                    return torch.stack(values)
+                except (TypeError, RuntimeError):
+                    pass
             return list(values)
 
-        keys: list[str] = []
-        for p in pend:
-            keys.extend(k for k in p[3] if k not in keys)
+        keys = list(dict.fromkeys(k for p in pend for k in p[3]))
         self._batches.append((
             [p[0] for p in pend], [p[1] for p in pend], stack([p[2] for p in pend]),
             {k: stack([p[3].get(k) for p in pend]) for k in keys}, stack([p[4] for p in pend]),
