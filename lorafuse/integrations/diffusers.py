@@ -814,11 +814,7 @@ class FusionHandle:
         w = params.get("weight")
         if w is None:
             return None
-        return (
-            w.dtype, id(params.get("bias")), id(a_s), id(b_s), id(a_t), id(b_t),
-            a_s._parameters["weight"]._version, b_s._parameters["weight"]._version,
-            a_t._parameters["weight"]._version, b_t._parameters["weight"]._version,
-        )
+        return (w.dtype, id(params.get("bias")), id(a_s), id(b_s), id(a_t), id(b_t), *self._weights_versions(m))
 
     def _check_states(self) -> None:
         """At the first denoiser call of each sampling run (pre-hook): every layer whose state key
@@ -1022,8 +1018,7 @@ class FusionHandle:
         s, t = self.subject, self.style
         A_s, B_s, A_t, B_t = m.lora_A[s].weight, m.lora_B[s].weight, m.lora_A[t].weight, m.lora_B[t].weight
         sc_s, sc_t = m.scaling[s], m.scaling[t]
-        wkey = (_weight_key(A_s), _weight_key(B_s), _weight_key(A_t), _weight_key(B_t))
-        key = (_scale_key(sc_s), _scale_key(sc_t), wkey, x.dtype, x.device)
+        key = (*_scales_key(m, s, t), self._weights_key(m), x.dtype, x.device)
         packed = rec.cache.get(key)
         if packed is not None:
             return packed
@@ -1037,6 +1032,7 @@ class FusionHandle:
             rec.ccache.pop(next(iter(rec.ccache)))
         rec.ccache[(_compile_key(sc_s), _compile_key(sc_t), x.dtype)] = packed
         return packed
+
 
 # ------------------------------------------------------------------------------------------------
 # entry points

@@ -30,7 +30,7 @@ class GateLog:
         self._call_info: dict[int, tuple[Any, Any]] = {}  # call -> (timestep (0-d), tau)
         self._raw_log: list[tuple] = []  # (layer, call, gates, stats, tau) of the current call, device tensors
         # methods that decide once per step (StaticSelectMethod, ConstantGates): the current call's
-        # (call, snapshot of every layer's Decision, [layers recorded]); None before its first record
+        # (call, snapshot of every layer's Decision, [layers recorded]); None for the other methods
         self._step: tuple[int, Any, list[int]] | None = None
         self._clones: dict[str, tuple] = {}  # field -> (source, its memory_key, copy): unchanged, not copied again
         self._batches: list[tuple] = []  # finished calls: _raw_log stacked per field, or _step tuples
@@ -41,17 +41,19 @@ class GateLog:
         return its recorder, ``add(layer_index)``. For a per-step method (its decisions are fixed
         once :meth:`~lorafuse.fusion.base.FusionMethod.begin_step` ran) the call's snapshot is taken
         now and ``add`` is the bound ``append`` of the call's index list: the cheapest thing a layer
-        call can do. Otherwise ``add`` keeps each layer call's own Decision (:meth:`record`)."""
+        call can do. Otherwise ``add`` keeps each layer call's own Decision (:meth:`_record_raw`)."""
         self._compact()
         self._call_info[call] = (timestep, tau)
         d = self.method.step_decisions()
         if d is None:
+            self._step = None
             return functools.partial(self._record_raw, call)
         self._step = (call, self._snapshot(d), [])
         return self._step[2].append
 
     def _record_raw(self, call: int, index: int) -> None:
-        """:meth:`record` for a method without per-step decisions: the layer's own Decision."""
+        """Layer ``index`` made its decision for denoiser call ``call`` (a method without per-step
+        decisions): keep its own Decision (device copies at most, no host sync)."""
         d = _clone_decision(self.method.last_decision(index))
         self._raw_log.append((index, call, d.gates, d.stats, d.tau))
 
@@ -69,20 +71,6 @@ class GateLog:
         self._batches.clear()
         self._log.clear()
         self._call_info.clear()
-
-    def record(self, index: int, call: int) -> None:
-        """Layer ``index`` made its decision for denoiser call ``call``: keep it (device copies at
-        most, no host sync; for per-step methods one index, the call's snapshot taken at its first
-        record)."""
-        step = self._step
-        if step is None or step[0] != call:  # first record of this call: can the whole step be copied at once?
-            self._end_step()
-            d = self.method.step_decisions()
-            step = self._step = (call, None if d is None else self._snapshot(d), [])
-        if step[1] is not None:
-            step[2].append(index)
-            return
-        self._record_raw(call, index)
 
     def _snapshot(self, d):
         """A copy of a step's decisions that later steps cannot change. A field whose tensor was not
@@ -107,7 +95,7 @@ class GateLog:
         read (:meth:`_expand_step`): no device op per denoiser call. The call stays open: its index
         list is emptied in place, so its recorder (``begin_call``'s ``add``) keeps working."""
         step = self._step
-        if step is not None and step[1] is not None and step[2]:
+        if step is not None and step[2]:
             self._batches.append((step[0], step[1], list(step[2])))
             step[2].clear()
 
