@@ -1,7 +1,7 @@
 """Count what one call launches: Triton kernel launches plus the aten ops that launch a kernel.
 
-A Triton launch is a ``run`` of a JIT kernel (``JITFunction`` on a GPU, ``InterpretedFunction`` under
-``TRITON_INTERPRET=1``; autotuner / heuristics wrappers end in one of them). An aten op launches a
+A Triton launch is a ``run`` of a JIT kernel on a GPU, a grid execution under ``TRITON_INTERPRET=1``
+(autotuner / heuristics wrappers end in one of them; see :func:`_launch_points`). An aten op launches a
 kernel unless it only makes a view or an uninitialised allocation (``empty``, ``empty_strided``,
 ``new_empty``) or reads metadata. Ops the Triton interpreter itself dispatches while it runs a kernel
 are not counted (on a GPU they do not exist). Custom ops (``lorafuse::*``, any namespace but aten /
@@ -26,21 +26,30 @@ NO_LAUNCH = frozenset({
 })
 
 
-def _run_classes():
-    classes = []
+def _launch_points():
+    """(class, method) pairs every Triton launch goes through once: ``JITFunction.run`` on a GPU; under
+    the interpreter ``GridExecutor.__call__`` (Triton <= 3.5 launches ``kernel[grid](...)`` through
+    ``InterpretedFunction.__getitem__`` and keeps ``run`` as an instance attribute; newer releases
+    go through ``run``; both end in one ``GridExecutor`` call)."""
+    points = []
     try:
         from triton.runtime.jit import JITFunction
 
-        classes.append(JITFunction)
+        points.append((JITFunction, "run"))
     except ImportError:  # pragma: no cover - no Triton
         pass
     try:
-        from triton.runtime.interpreter import InterpretedFunction
+        from triton.runtime.interpreter import GridExecutor
 
-        classes.append(InterpretedFunction)
+        points.append((GridExecutor, "__call__"))
     except ImportError:  # pragma: no cover
         pass
-    return classes
+    return points
+
+
+def _kernel_name(kernel) -> str:
+    fn = getattr(kernel, "fn", kernel)  # a GridExecutor holds the kernel's (rewritten) function
+    return getattr(fn, "__name__", type(kernel).__name__)
 
 
 class LaunchCounter(TorchDispatchMode):
@@ -76,31 +85,31 @@ class LaunchCounter(TorchDispatchMode):
 
     def __enter__(self):
         counter = self
-        for cls in _run_classes():
-            original = cls.run
+        for cls, method in _launch_points():
+            original = getattr(cls, method)
 
-            def run(kernel, *args, _original=original, **kwargs):
+            def launch(kernel, *args, _original=original, **kwargs):
                 if kwargs.get("warmup"):
                     return _original(kernel, *args, **kwargs)
                 if not counter._inside:
                     counter.triton += 1
-                    counter.names.append(getattr(kernel, "__name__", type(kernel).__name__))
+                    counter.names.append(_kernel_name(kernel))
                 counter._inside += 1
                 try:
                     return _original(kernel, *args, **kwargs)
                 finally:
                     counter._inside -= 1
 
-            self._saved.append((cls, original))
-            cls.run = run
+            self._saved.append((cls, method, original))
+            setattr(cls, method, launch)
         return super().__enter__()
 
     def __exit__(self, *exc):
         try:
             return super().__exit__(*exc)
         finally:
-            for cls, original in reversed(self._saved):
-                cls.run = original
+            for cls, method, original in reversed(self._saved):
+                setattr(cls, method, original)
             self._saved.clear()
 
 

@@ -10,6 +10,7 @@ import math
 import os
 
 import torch
+from torch.library import wrap_triton
 
 try:  # Triton is a hard dependency on Linux, but keep `import lorafuse` working without it.
     import triton
@@ -31,6 +32,44 @@ def interpreter_active() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def _release(version: str) -> tuple[int, int]:
+    """(major, minor) of a version string such as '3.6.0' or '2.4.0rc1'."""
+    parts = (version.split("+")[0].split(".") + ["0"])[:2]
+    return tuple(int("".join(ch for ch in p if ch.isdigit()) or 0) for p in parts)
+
+
+@functools.lru_cache(maxsize=None)
+def interpreter_problem() -> str | None:
+    """Why the Triton interpreter cannot run lorafuse's kernels in this environment, or None.
+
+    Triton <= 3.6's interpreter turns a scalar kernel argument into a 1-element array and converts
+    it back with ``int(array)`` (``tensor.__index__``: every loop bounded by a runtime size, e.g.
+    ``range(tl.cdiv(K, BLOCK_K))``); NumPy >= 2.4 rejects that conversion (deprecated since 1.25).
+    Triton 3.7 converts with ``.squeeze()``. GPU compilation is unaffected: this is the CPU
+    interpreter only.
+    """
+    if not HAS_TRITON:
+        return None
+    import numpy
+
+    if _release(triton.__version__) < (3, 7) and _release(numpy.__version__) >= (2, 4):
+        return (f"the Triton {triton.__version__} interpreter cannot run with NumPy {numpy.__version__} "
+                "(it converts 1-element arrays with int(), which NumPy >= 2.4 rejects; fixed in Triton 3.7): "
+                'install "numpy<2.4" or Triton >= 3.7 to run the kernels with TRITON_INTERPRET=1')
+    return None
+
+
+def traceable(kernel):
+    """``torch.library.wrap_triton(kernel)``, the launch form a ``triton_op`` body uses so that
+    tracing (torch.compile, make_fx) sees the kernel; under the interpreter the kernel itself.
+
+    An interpreted kernel (``TRITON_INTERPRET=1``) launches eagerly but cannot be traced: torch 2.13's
+    ``wrap_triton`` hands it back unchanged, older releases (2.6-2.12) reject it with a RuntimeError.
+    Returning it here gives every supported torch the 2.13 behaviour.
+    """
+    return kernel if interpreter_active() else wrap_triton(kernel)
+
+
 def resolve_backend(backend: str, device: torch.device, what: str = "fused_lora_linear") -> str:
     """Map ``backend`` ("auto" | "triton" | "torch") to the implementation that runs on ``device``.
 
@@ -49,6 +88,8 @@ def resolve_backend(backend: str, device: torch.device, what: str = "fused_lora_
             raise ValueError(
                 f"{what}: backend='triton' needs CUDA tensors (got {device.type}) or TRITON_INTERPRET=1"
             )
+        if device.type != "cuda" and interpreter_problem():
+            raise RuntimeError(f"{what}: backend='triton' on {device.type}: {interpreter_problem()}")
         return "triton"
     return "triton" if HAS_TRITON and device.type == "cuda" else "torch"
 

@@ -11,7 +11,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from ._common import HAS_TRITON, check_dtype, resolve_backend
+from ._common import HAS_TRITON, check_dtype, resolve_backend, traceable
 from .fused_lora_linear import (
     fused_gemm_expand_torch,
     fused_lora_linear_torch,
@@ -72,7 +72,7 @@ def _fused_backward_math(ctx, grad_y, grad_u):
 
 
 if HAS_TRITON:
-    from torch.library import triton_op, wrap_triton
+    from torch.library import triton_op
 
     @triton_op("lorafuse::fused_lora_linear", mutates_args=())
     def _fused_op(
@@ -92,10 +92,10 @@ if HAS_TRITON:
         tiles = -(-N // gemm_block_n(x.device)) if stats else 0
         part = torch.empty((tiles, M, num_stat_columns(len(ranks))), dtype=torch.float32, device=x.device)
         if M > 0:
-            launch_lora_shrink(x, a, u, wrap=wrap_triton)
+            launch_lora_shrink(x, a, u, wrap=traceable)
             launch_fused_gemm_expand(
                 x, weight, bias, u, b, gates, y, part if stats else None, rows_per_sample, ranks, stats,
-                wrap=wrap_triton,
+                wrap=traceable,
             )
         return y, u, part
 
@@ -127,7 +127,7 @@ if HAS_TRITON:
         ranks: list[int],
     ) -> None:
         if y.shape[0] > 0:
-            launch_lora_fixup(y, u, b, delta_gates, rows_per_sample, ranks, wrap=wrap_triton)
+            launch_lora_fixup(y, u, b, delta_gates, rows_per_sample, ranks, wrap=traceable)
 
     @_fixup_op.register_fake
     def _fixup_op_fake(y, u, b, delta_gates, rows_per_sample, ranks):

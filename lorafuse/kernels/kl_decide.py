@@ -51,7 +51,7 @@ import weakref
 
 import torch
 
-from ._common import HAS_TRITON, check_dtype, resolve_backend
+from ._common import HAS_TRITON, check_dtype, resolve_backend, traceable
 from .fused_lora_linear import num_stat_columns
 from .packing import PackedLoRA
 
@@ -214,7 +214,7 @@ def kl_decide_triton(part: torch.Tensor, gates: torch.Tensor, rows_per_sample: i
 
 
 if HAS_TRITON:
-    from torch.library import triton_op, wrap_triton
+    from torch.library import triton_op
 
     @triton_op("lorafuse::kl_decide", mutates_args={"gates"})
     def _decide_op(
@@ -223,7 +223,7 @@ if HAS_TRITON:
         new, div, delta = _decide_outputs(gates)
         if gates.shape[0] > 0 and part.shape[1] > 0:
             launch_kl_decide(part, gates, new, div, delta, rows_per_sample, forward, batch, tie_subject,
-                             wrap=wrap_triton)
+                             wrap=traceable)
         return new, div, delta
 
     @_decide_op.register_fake

@@ -55,7 +55,7 @@ if HAS_TRITON:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for i in tl.static_range(NUM_LORAS):
                 g = tl.load(g_ptrs + i * stride_gl)
-                for c in tl.static_range(LORA_CHUNKS[i]):  # LoRA i's rank slices, padding skipped
+                for c in range(LORA_CHUNKS[i]):  # LoRA i's rank slices, padding skipped (a loop, not unrolled)
                     cols = i * RANK_BLOCK + c * RANK_CHUNK + rc
                     u = tl.load(u_ptr + rm_ld[:, None] * stride_um + cols[None, :] * stride_ur)
                     bt = tl.load(b_ptr + cols[:, None] * stride_br + rn_ld[None, :] * stride_bn)

@@ -21,7 +21,7 @@ from lorafuse.integrations import accelerate_fusion  # noqa: E402
 from lorafuse.integrations import diffusers as dif  # noqa: E402
 from lorafuse.integrations.gate_log import GateLog  # noqa: E402
 
-from .test_diffusers import make  # noqa: E402
+from .test_diffusers import close, make  # noqa: E402
 from .tiny import denoiser, peft_layers, run  # noqa: E402
 
 
@@ -187,4 +187,5 @@ def test_inplace_edit_of_a_lora_factor_is_picked_up_at_the_next_run():
         out = run(pipe, "sd15", steps=2)
     h.remove()
     pipe.set_adapters(["sbj", "sty"], [1.0, 1.0])
-    assert torch.allclose(out, run(pipe, "sd15", steps=2), atol=1e-5)
+    ref = run(pipe, "sd15", steps=2)
+    assert close(out, ref), (out - ref).abs().max()  # the tolerance scales with the output's magnitude
