@@ -1,7 +1,14 @@
 """The GPU check in one command: everything a lent CUDA GPU should prove, in at most 8 minutes on an
 H100/H200, written into one folder.
 
-    python -m benchmarks.gpu_check --out DIR [--dry-run] [--time-limit 470] [--parts pytest,fuzz,...]
+    python -m benchmarks.gpu_check --fetch-wheels .whl                      # here: the wheels it lacks
+    python -m benchmarks.gpu_check --wheels .whl --out /tmp/gpu --bundle $OUT   # there, one call
+    python -m benchmarks.gpu_check --out DIR [--dry-run] [--time-limit 450] [--parts pytest,fuzz,...]
+
+The lent machines have no diffusers and no network: ``--fetch-wheels DIR`` downloads the pinned wheels
+they lack (:mod:`benchmarks.wheels`), ``--wheels DIR`` unpacks them into a temporary folder put first on
+``sys.path`` and ``PYTHONPATH`` before anything imports diffusers, ``--bundle DIR`` packs the output into
+``DIR/gpu_check.tar.gz`` + ``DIR/summary.md`` (a lent machine returns at most 8 files).
 
 Parts, run in this order, each in its own process with its own time limit (a crash, a CUDA error that
 poisons the context, or a hang is recorded for that part and the next part still runs):
@@ -14,17 +21,21 @@ poisons the context, or a hang is recorded for that part and the next part still
               rank 16): ``layer.csv`` and ``plots/``.
 - ``e2e_sdxl``, ``e2e_flux``  one denoiser step of the full-size SDXL UNet (fp16, batch 2, 128x128
               latents) and FLUX transformer (bf16, 1024^2: 4096 image + 512 text tokens), random
-              weights, two rank-16 LoRAs on the attention (and FLUX MLP) linears: bare (LoRA disabled),
-              PEFT with both adapters, and ``accelerate_fusion`` with klora / est / merge / kl, eager
-              and with the repeated blocks ``torch.compile``d (diffusers' regional compilation),
-              medians of ``triton.testing.do_bench``, ratios to bare from the same run: ``e2e.csv``
-              and ``e2e.png``.
+              weights, two rank-16 LoRAs on the attention (and FLUX MLP) linears, the rows of
+              :data:`E2E_ROWS`: bare (LoRA disabled), PEFT with both adapters, the official K-LoRA layer
+              (:mod:`benchmarks.klora_official`), ``accelerate_fusion`` with klora / est / merge in each
+              weights mode and kl, eager, then some with the repeated blocks ``torch.compile``d
+              (diffusers' regional compilation). Per row: the median step (ratio to bare from the same
+              run), peak GPU memory (``max_memory_allocated``, reset per row), installation + first call;
+              for each method's default mode also with a cold and a warm Triton cache and the kernel
+              specialisations the cold start compiled (:mod:`benchmarks.triton_cache`): ``e2e.csv``,
+              ``e2e.png``.
 
 ``summary.md`` gathers the device, driver, torch / triton / CUDA versions, git commit, date, each part's
 status and time, and the tables. ``--dry-run`` runs every part on the CPU with tiny shapes (the tiny
-pipelines of :mod:`lorafuse.integrations.tiny`, Triton through the interpreter), in-process, in well
-under a minute: CI runs it (``tests/test_gpu_check.py``). Results of a real run are committed under
-``benchmarks/results/gpu/<date>_<device>/``.
+pipelines of :mod:`lorafuse.integrations.tiny`, Triton through the interpreter, one torch thread),
+in-process, in under a minute: CI runs it (``tests/test_gpu_check.py``). Results of a real run are
+committed under ``benchmarks/results/gpu/<date>_<device>/``.
 """
 
 from __future__ import annotations
@@ -657,7 +668,7 @@ def part_e2e(family: str, out: Path, dry: bool, limit: float) -> dict:
                 compile_seconds = row["first_call_s"]
             if variant == "peft" and mode == "eager":
                 ref = y
-            est = None if mode == "compiled" else row["first_call_s"]
+            est = step_s if mode == "compiled" else row["first_call_s"]  # a compiled first call is the compile
             ms = bench(lambda: call(), est)
             if variant == "bare" and mode == "eager":
                 step_s = ms / 1e3

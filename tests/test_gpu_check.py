@@ -249,3 +249,34 @@ def test_official_klora_layer_adds_one_dense_delta_and_undoes():
     assert "forward" not in layer.__dict__
     with pytest.raises(ValueError):
         klora_official.install(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+def test_fetch_wheels_asks_pip_for_cp312_manylinux_binaries_and_keeps_one_version_each(tmp_path, monkeypatch):
+    import subprocess
+
+    from benchmarks import gpu_check as G
+    from benchmarks import wheels as W
+
+    dest = tmp_path / "whl"
+    dest.mkdir()
+    _wheel(dest, "diffusers", "0.30.0")  # left by an earlier pin: dropped
+    calls = []
+
+    def fake_pip(cmd, **kwargs):  # what pip download would save: each pinned wheel, no requirements
+        calls.append(cmd)
+        for spec in cmd[cmd.index("-d") + 2:]:
+            name, version = spec.split("==")
+            _wheel(dest, name, version)
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(W.subprocess, "run", fake_pip)
+    assert G.main(["--fetch-wheels", str(dest)]) == 0
+    (cmd,) = calls
+    assert cmd[1:5] == ["-m", "pip", "download", "--no-deps"] and "--only-binary=:all:" in cmd
+    assert cmd[cmd.index("--python-version") + 1] == "3.12" and cmd[cmd.index("--abi") + 1] == "cp312"
+    assert {"manylinux_2_28_x86_64", "manylinux2014_x86_64", "any"} <= {cmd[i + 1] for i, a in enumerate(cmd) if a == "--platform"}
+    got = sorted(W.wheel_name(p) for p in dest.glob("*.whl"))
+    assert got == sorted(W.pinned().items())  # the stale diffusers 0.30.0 is gone
+    calls.clear()
+    assert G.main(["--fetch-wheels", str(dest), "--with-matplotlib"]) == 0
+    assert "matplotlib==3.11.2" in calls[0]
