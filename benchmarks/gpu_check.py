@@ -726,7 +726,7 @@ def _plot_e2e(rows, path: Path) -> None:
         return
     fig, axes = plt.subplots(1, len(models), figsize=(7 * len(models), 4.5), squeeze=False)
     for ax, m in zip(axes[0], models):
-        variants = list(dict.fromkeys(_label(r) for r in rows if r["model"] == m))
+        variants = _display_order([r for r in rows if r["model"] == m])
         for j, mode in enumerate(("eager", "compiled")):
             vals = [next((float(r["x_bare"]) for r in rows if r["model"] == m and _label(r) == v
                           and r["mode"] == mode and r.get("x_bare") not in (None, "")), math.nan) for v in variants]
@@ -758,6 +758,16 @@ def _label(r) -> str:
     return r["variant"] + (f"/{r['weights']}" if r.get("weights") else "")
 
 
+_ORDER = {"bare": 0, "peft": 1, "klora_official": 2, "klora": 3, "est": 4, "merge": 5, "kl": 6}
+_WEIGHTS_ORDER = {"": 0, "scratch": 1, "inplace": 2, "off": 3, "fused": 4}
+
+
+def _display_order(rows) -> list[str]:
+    """The labels of ``rows`` for the tables: bare, PEFT, the official layer, then each method's modes."""
+    labels = {_label(r): (_ORDER.get(r["variant"], 9), _WEIGHTS_ORDER.get(r.get("weights", ""), 9)) for r in rows}
+    return sorted(labels, key=lambda k: labels[k])
+
+
 def _num(v) -> float:
     try:
         return float(v)
@@ -781,7 +791,7 @@ def _e2e_summary(e2e: list[dict]) -> list[str]:
              "| model | variant | eager ms | x bare | peak MB | + MB vs bare | compiled ms | x bare | rel diff vs PEFT |",
              "|---|---|---|---|---|---|---|---|---|"]
     for m in dict.fromkeys(r["model"] for r in e2e):
-        for v in dict.fromkeys(_label(r) for r in e2e if r["model"] == m):
+        for v in _display_order([r for r in e2e if r["model"] == m]):
             cells = []
             for mode in ("eager", "compiled"):
                 r = next((r for r in e2e if r["model"] == m and _label(r) == v and r["mode"] == mode), {})
@@ -812,7 +822,7 @@ def _e2e_summary(e2e: list[dict]) -> list[str]:
                 img = bare["first_call_s"] + (n - 1) * bare["median_ms"] / 1e3
                 lines.append(f"| {m} | bare | {bare['first_call_s']:.2f} | {bare['first_call_s']:.2f} | 0 | 0 | 0 | "
                              f"{img:.1f} / {img:.1f} ({n:.0f} steps) |")
-            for r in (r for r in cold if r["model"] == m):
+            for r in sorted((r for r in cold if r["model"] == m), key=lambda r: _display_order(cold).index(_label(r))):
                 c, w = r["cold_install_s"] + r["cold_first_call_s"], r["install_s"] + r["first_call_s"]
                 n, step = r["steps_per_image"], r["median_ms"] / 1e3
                 lines.append(f"| {m} | {_label(r)} | {c:.2f} | {w:.2f} | {c - w:.2f} | {_fmt(r['kernels_compiled'], '.0f')} "
