@@ -625,6 +625,9 @@ def part_e2e(family: str, out: Path, dry: bool, limit: float) -> dict:
         if left < need:
             rows.append(dict(row, status="skipped (time limit)"))
             continue
+        rows.append(row)  # on file before it runs: a part killed at its limit shows which row it was in
+        row["status"] = "started (not finished: the part's time limit or a crash ended it)"
+        flush()
         handle = undo = None
         kw = dict(log_gates=False, timestep_divisor=divisor, progress=False)
         if variant in ("klora", "est", "merge"):
@@ -675,9 +678,8 @@ def part_e2e(family: str, out: Path, dry: bool, limit: float) -> dict:
             row.update(status="ok", median_ms=ms, rel_diff_vs_peft=_rel(y, ref) if ref is not None else math.nan,
                        peak_mem_mb=torch.cuda.max_memory_allocated() / 2**20 if cuda else math.nan,
                        mem_mb=torch.cuda.memory_allocated() / 2**20 if cuda else math.nan)
-            rows.append(row)
         except Exception as exc:  # noqa: BLE001 - recorded; the other rows still run
-            rows.append(dict(row, status=f"failed: {type(exc).__name__}: {str(exc)[:200]}"))
+            row["status"] = f"failed: {type(exc).__name__}: {str(exc)[:200]}"
             notes.append(f"{label}: {traceback.format_exc(limit=3)[-600:]}")
             if cuda:
                 torch.cuda.synchronize()

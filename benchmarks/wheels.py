@@ -190,8 +190,8 @@ def _top_level(whl: Path) -> set[str]:
 def install(src: Path, target: Path | None = None) -> Path:
     """Unpack every wheel in ``src`` into ``target`` (default: a new temporary folder), put it first on
     ``sys.path`` and on ``PYTHONPATH`` (so that child processes see it too), and return it. Offline: no
-    pip, no index. Raises when ``src`` holds no wheel, two versions of one distribution, or a package a
-    wheel provides was already imported (its old copy would win)."""
+    pip, no index. Raises when ``src`` holds no wheel or two versions of one distribution; warns when a
+    package a wheel provides was already imported (its old copy stays in use in this process)."""
     src = Path(src)
     wheels = sorted(src.glob("*.whl"))
     if not wheels:
@@ -200,9 +200,12 @@ def install(src: Path, target: Path | None = None) -> Path:
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise ValueError(f"--wheels {src}: several versions of {twice}; keep one of each")
-    early = sorted(m for w in wheels for m in _top_level(w) if m in sys.modules and m != "_distutils_hack")
-    if early:
-        raise RuntimeError(f"--wheels: {early} already imported; install the wheels before importing them")
+    early = sorted(m for w in wheels for m in _top_level(w) if m in sys.modules)
+    if early:  # e.g. by a site .pth file: that copy stays in use in this process (child processes get ours)
+        import warnings
+
+        warnings.warn(f"--wheels: {early} were imported before the wheels were installed; this process keeps "
+                      "those copies", RuntimeWarning, stacklevel=2)
     target = Path(target) if target is not None else Path(tempfile.mkdtemp(prefix="lorafuse-wheels-"))
     target.mkdir(parents=True, exist_ok=True)
     for whl in wheels:
