@@ -1,27 +1,32 @@
 """The GPU check's dry run (CPU, tiny shapes, Triton through the interpreter) writes every file a real
-run writes, and each part reports a status; a failing part is recorded without stopping the others."""
+run writes, and each part reports a status; a failing part is recorded without stopping the others.
+``--fetch-wheels`` / ``--wheels`` (the lent machines' missing packages), the cold / warm Triton cache
+helper and the official K-LoRA layer of the step table, each on its own.
+
+Only the dry runs need diffusers; matplotlib only adds the PNGs (a bare lent-stack venv has none)."""
 
 import csv
+import importlib.util
 import json
 
 import pytest
 
-pytest.importorskip("diffusers")
-pytest.importorskip("matplotlib")
+HAS_PLOTS = importlib.util.find_spec("matplotlib") is not None
 
 
 def test_gpu_check_dry_run_writes_everything(tmp_path):
     import math
     import tarfile
 
+    pytest.importorskip("diffusers")
     from benchmarks import gpu_check as G
 
     out, back = tmp_path / "gpu", tmp_path / "OUT"
     G.main(["--out", str(out), "--dry-run", "--bundle", str(back)])
-    for name in ("summary.md", "env.json", "results.json", "fuzz.csv", "fuzz.png", "layer.csv", "e2e.csv",
-                 "e2e.png", "pytest.log"):
+    for name in ("summary.md", "env.json", "results.json", "fuzz.csv", "layer.csv", "e2e.csv", "pytest.log") + (
+            ("fuzz.png", "e2e.png") if HAS_PLOTS else ()):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
-    assert list((out / "plots").glob("*.png"))
+    assert list((out / "plots").glob("*.png")) or not HAS_PLOTS
     results = json.loads((out / "results.json").read_text())
     assert list(results) == list(G.PARTS)
     assert results["fuzz"]["status"] == "ok" and results["layer"]["status"] == "ok"
@@ -59,6 +64,7 @@ def test_gpu_check_dry_run_writes_everything(tmp_path):
 
 
 def test_failing_part_is_recorded_and_the_rest_runs(tmp_path, monkeypatch):
+    pytest.importorskip("diffusers")
     from benchmarks import gpu_check as G
 
     def boom(out, dry, limit):
