@@ -53,9 +53,11 @@ def clear_memory_caches(prefix: str = "lorafuse.kernels") -> int:
 
 def compiled(folder: str | os.PathLike) -> dict:
     """What a Triton cache folder holds: ``kernels`` (compiled specialisations: binaries), ``by_name``
-    (kernel name -> count), ``launchers`` (``.so`` stubs) and ``mb`` (its size)."""
+    (kernel name -> count), ``keys`` (the cache keys, i.e. sub-folders, holding a binary: equal keys in
+    two folders are the same specialisation), ``launchers`` (``.so`` stubs) and ``mb`` (its size)."""
     folder = Path(folder)
     by_name: dict[str, int] = {}
+    keys: set[str] = set()
     launchers, size = 0, 0
     if folder.is_dir():
         for path in folder.rglob("*"):
@@ -64,10 +66,11 @@ def compiled(folder: str | os.PathLike) -> dict:
             size += path.stat().st_size
             if path.suffix in BINARY_SUFFIXES:
                 by_name[path.stem] = by_name.get(path.stem, 0) + 1
+                keys.add(path.parent.name)
             elif path.suffix == ".so":
                 launchers += 1
-    return {"kernels": sum(by_name.values()), "by_name": dict(sorted(by_name.items())), "launchers": launchers,
-            "mb": round(size / 2**20, 2)}
+    return {"kernels": sum(by_name.values()), "by_name": dict(sorted(by_name.items())), "keys": sorted(keys),
+            "launchers": launchers, "mb": round(size / 2**20, 2)}
 
 
 class cold_cache:

@@ -31,6 +31,7 @@ def test_gpu_check_dry_run_writes_everything(tmp_path):
     assert list(results) == list(G.PARTS)
     assert results["fuzz"]["status"] == "ok" and results["layer"]["status"] == "ok"
     assert results["pytest"]["status"] in ("ok", "timeout")  # collect-only; a loaded CI box may be slow
+    assert results["e2e_sdxl"]["distinct_specialisations"] == 0  # the interpreter compiles nothing
     rows = list(csv.DictReader((out / "fuzz.csv").open()))
     assert {r["kernel"] for r in rows} == set(G.FUZZ) and all(r["ok"] == "True" for r in rows)
     e2e = list(csv.DictReader((out / "e2e.csv").open()))
@@ -224,6 +225,7 @@ def test_cold_cache_empties_kernel_caches_and_counts_compiled_binaries(tmp_path,
     (tmp_path / "c" / "h4" / "__triton_launcher.so").write_bytes(b"")
     got = compiled(tmp_path / "c")
     assert got["kernels"] == 3 and got["by_name"] == {"_fused_kernel": 2, "_shrink": 1} and got["launchers"] == 1
+    assert got["keys"] == ["h1", "h2", "h3"]
     assert compiled(tmp_path / "missing")["kernels"] == 0
 
 
