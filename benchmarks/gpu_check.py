@@ -1,7 +1,14 @@
 """The GPU check in one command: everything a lent CUDA GPU should prove, in at most 8 minutes on an
 H100/H200, written into one folder.
 
-    python -m benchmarks.gpu_check --out DIR [--dry-run] [--time-limit 470] [--parts pytest,fuzz,...]
+    python -m benchmarks.gpu_check --fetch-wheels .whl                      # here: the wheels it lacks
+    python -m benchmarks.gpu_check --wheels .whl --out /tmp/gpu --bundle $OUT   # there, one call
+    python -m benchmarks.gpu_check --out DIR [--dry-run] [--time-limit 450] [--parts pytest,fuzz,...]
+
+The lent machines have no diffusers and no network: ``--fetch-wheels DIR`` downloads the pinned wheels
+they lack (:mod:`benchmarks.wheels`), ``--wheels DIR`` unpacks them into a temporary folder put first on
+``sys.path`` and ``PYTHONPATH`` before anything imports diffusers, ``--bundle DIR`` packs the output into
+``DIR/gpu_check.tar.gz`` + ``DIR/summary.md`` (a lent machine returns at most 8 files).
 
 Parts, run in this order, each in its own process with its own time limit (a crash, a CUDA error that
 poisons the context, or a hang is recorded for that part and the next part still runs):
@@ -14,22 +21,27 @@ poisons the context, or a hang is recorded for that part and the next part still
               rank 16): ``layer.csv`` and ``plots/``.
 - ``e2e_sdxl``, ``e2e_flux``  one denoiser step of the full-size SDXL UNet (fp16, batch 2, 128x128
               latents) and FLUX transformer (bf16, 1024^2: 4096 image + 512 text tokens), random
-              weights, two rank-16 LoRAs on the attention (and FLUX MLP) linears: bare (LoRA disabled),
-              PEFT with both adapters, and ``accelerate_fusion`` with klora / est / merge / kl, eager
-              and with the repeated blocks ``torch.compile``d (diffusers' regional compilation),
-              medians of ``triton.testing.do_bench``, ratios to bare from the same run: ``e2e.csv``
-              and ``e2e.png``.
+              weights, two rank-16 LoRAs on the attention (and FLUX MLP) linears, the rows of
+              :data:`E2E_ROWS`: bare (LoRA disabled), PEFT with both adapters, the official K-LoRA layer
+              (:mod:`benchmarks.klora_official`), ``accelerate_fusion`` with klora / est / merge in each
+              weights mode and kl, eager, then some with the repeated blocks ``torch.compile``d
+              (diffusers' regional compilation). Per row: the median step (ratio to bare from the same
+              run), peak GPU memory (``max_memory_allocated``, reset per row), installation + first call;
+              for each method's default mode also with a cold and a warm Triton cache and the kernel
+              specialisations the cold start compiled (:mod:`benchmarks.triton_cache`): ``e2e.csv``,
+              ``e2e.png``.
 
 ``summary.md`` gathers the device, driver, torch / triton / CUDA versions, git commit, date, each part's
 status and time, and the tables. ``--dry-run`` runs every part on the CPU with tiny shapes (the tiny
-pipelines of :mod:`lorafuse.integrations.tiny`, Triton through the interpreter), in-process, in well
-under a minute: CI runs it (``tests/test_gpu_check.py``). Results of a real run are committed under
-``benchmarks/results/gpu/<date>_<device>/``.
+pipelines of :mod:`lorafuse.integrations.tiny`, Triton through the interpreter, one torch thread),
+in-process, in under a minute: CI runs it (``tests/test_gpu_check.py``). Results of a real run are
+committed under ``benchmarks/results/gpu/<date>_<device>/``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime as _dt
 import json
@@ -47,10 +59,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 # seconds per part on a GPU (the total stays under 8 minutes with process start-up); dry run: a cap only
-PART_BUDGET = {"pytest": 70, "fuzz": 55, "layer": 95, "e2e_sdxl": 120, "e2e_flux": 120}
-DRY_BUDGET = {"pytest": 40, "fuzz": 30, "layer": 30, "e2e_sdxl": 40, "e2e_flux": 40}
+PART_BUDGET = {"pytest": 55, "fuzz": 35, "layer": 50, "e2e_sdxl": 140, "e2e_flux": 160}
+DRY_BUDGET = {"pytest": 40, "fuzz": 30, "layer": 30, "e2e_sdxl": 60, "e2e_flux": 60}
 PARTS = tuple(PART_BUDGET)
-TOTAL_LIMIT = 470.0
+TOTAL_LIMIT = 450.0
 # per-LoRA rank classes (rank-slice width x number of slices, unequal ranks, the largest rank)
 RANK_CLASSES = (1, 7, 16, 17, 33, 48, 64, 65, 96, 100, 128, 200, 512)
 METHODS = ("klora", "est", "merge", "kl")
@@ -332,8 +344,11 @@ def _plot_fuzz(rows, path: Path) -> None:
 def part_layer(out: Path, dry: bool, limit: float) -> dict:
     from benchmarks import run as R
 
-    argv = ["--csv", str(out / "layer.csv"), "--plot", "--plot-dir", str(out / "plots"),
-            "--time-limit", str(max(1.0, limit - 25))]
+    import importlib.util
+
+    argv = ["--csv", str(out / "layer.csv"), "--time-limit", str(max(1.0, limit - 25))]
+    if importlib.util.find_spec("matplotlib") is not None:  # a bare lent-stack venv has none: tables only
+        argv += ["--plot", "--plot-dir", str(out / "plots")]
     if dry:
         argv += ["--device", "cpu", "--shapes", "64x64x48", "--ranks", "8", "--rounds", "1",
                  "--probe-copy-mb", "8", "--probe-gemm-n", "128"]
@@ -476,112 +491,226 @@ def _compile_regions(model, backend: str):
     return undo
 
 
+#: The step table's rows, in the order they run (a time limit cuts the tail): (variant, weights, mode,
+#: cold). ``weights`` is accelerate_fusion's weights mode for the static methods ("scratch" default,
+#: "inplace", "off": the fused low-rank path every call); kl always runs fused. ``cold``: the row also
+#: times installation + first denoiser call with a fresh (cold) and then a reused (warm) Triton cache and
+#: counts the kernel specialisations the cold start compiled: each method in its default mode, and the
+#: static methods' fused path once (klora, "off").
+E2E_ROWS = (
+    ("bare", "", "eager", False), ("peft", "", "eager", False),
+    ("klora", "scratch", "eager", True), ("kl", "fused", "eager", True),
+    ("klora_official", "", "eager", False),
+    ("est", "scratch", "eager", True), ("merge", "scratch", "eager", True),
+    ("klora", "off", "eager", True), ("klora", "inplace", "eager", False),
+    ("est", "inplace", "eager", False), ("est", "off", "eager", False),
+    ("merge", "inplace", "eager", False), ("merge", "off", "eager", False),
+    ("bare", "", "compiled", False), ("klora", "scratch", "compiled", False), ("kl", "fused", "compiled", False),
+    ("peft", "", "compiled", False),
+)
+#: the dry run compiles (backend "eager") only these (family, variant) rows: tracing the tiny SDXL UNet
+#: through a patched LoRA layer alone takes ~20 s on a loaded CPU; FLUX proves that path in 0.5 s
+DRY_COMPILED = {("sdxl", "bare"), ("flux", "bare"), ("flux", "klora")}
+#: denoiser calls of one image at the pipelines' default step counts (SDXL with CFG: one batch-2 call)
+STEPS = {"sdxl": 50, "flux": 28}
+
+
 def _timer(dry: bool):
-    if dry:  # one timed call (the caller's first call was the warm-up): the dry run proves the path only
-        def bench(fn):
+    """``bench(fn, est_s)`` -> median ms. Dry run: one timed call (the caller's first call was the
+    warm-up; it proves the path only). GPU: ``triton.testing.do_bench`` medians for steps under 0.1 s
+    (``est_s``: the row's warm first call), the median of 3-8 synchronised calls for slower ones (the
+    FLUX step, the official K-LoRA layer), where do_bench's 5-call estimate alone would cost seconds."""
+    if dry:
+        def bench(fn, est_s=None):
             t0 = time.perf_counter()
             fn()
             return (time.perf_counter() - t0) * 1e3
         return bench
+    import torch
     from triton.testing import do_bench
 
-    return lambda fn: do_bench(fn, warmup=100, rep=600, return_mode="median")
+    def bench(fn, est_s=None):
+        if est_s is None or est_s < 0.1:
+            return do_bench(fn, warmup=100, rep=600, return_mode="median")
+        times = []
+        for _ in range(max(3, min(8, int(2.0 / est_s)))):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return statistics.median(times)
+    return bench
+
+
+def _by_name(counts: dict) -> str:
+    return ";".join(f"{k}={v}" for k, v in counts.items())
 
 
 def part_e2e(family: str, out: Path, dry: bool, limit: float) -> dict:
+    """The denoiser-step table of one model family (see :data:`E2E_ROWS`): per row the median step, the
+    ratio to bare (same mode), the peak GPU memory (``max_memory_allocated``, reset per row; NaN on the
+    CPU), the relative difference to PEFT, installation + first call, and for cold rows the same with a
+    fresh Triton cache and the specialisations it compiled."""
+    t0 = time.perf_counter()  # the imports count against the limit too
+    import shutil
+    import tempfile
     import warnings
 
     import torch
 
     import lorafuse
+    from benchmarks import klora_official
+    from benchmarks.triton_cache import cold_cache, compiled
 
     warnings.filterwarnings("ignore")
-    t0 = time.perf_counter()
     device = torch.device("cpu" if dry else "cuda")
+    cuda = device.type == "cuda"
     dtype = torch.float32 if dry else (torch.float16 if family == "sdxl" else torch.bfloat16)
     model, kwargs, divisor, targets = _build_denoiser(family, dry, device, dtype)
     _add_loras(model, targets, (16, 16))
     bench = _timer(dry)
     rows, notes = [], []
+    cache_root = Path(tempfile.mkdtemp(prefix=f"lorafuse-triton-{family}-"))
+    distinct: set[str] = set()  # cache keys of every specialisation the cold rows compiled
 
-    def call(m):
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    def call(m=model):
         with torch.no_grad():
             return m(**kwargs)
 
     def first(o):
         return (o[0] if isinstance(o, (tuple, list)) else o.sample).float()
 
-    variants = ["bare", "peft"] + list(METHODS)
-    compile_modes = ["eager", "compiled"]
+    def timed(fn):
+        ts = time.perf_counter()
+        res = fn()
+        sync()
+        return res, time.perf_counter() - ts
+
     ref = None
     compile_seconds = None if dry else {"sdxl": 40.0, "flux": 40.0}[family]  # first guess, then measured
-    meta = dict(dtype=str(dtype).replace("torch.", ""), shape=_shape_note(family, dry), lora_ranks="16,16")
+    step_s = 0.0 if dry else {"sdxl": 0.1, "flux": 0.5}[family]  # first guess, then bare's measured step
+    meta = dict(dtype=str(dtype).replace("torch.", ""), shape=_shape_note(family, dry), lora_ranks="16,16",
+                steps_per_image=STEPS[family])
 
     def flush():
         """Rows so far, ratios to bare of the same mode, to e2e_<family>.csv (kept if this process is killed)."""
-        for mode in compile_modes:
-            base = next((r["median_ms"] for r in rows if r["mode"] == mode and r["variant"] == "bare"
-                         and r["status"] == "ok"), math.nan)
+        for mode in ("eager", "compiled"):
+            base = next((r for r in rows if r["mode"] == mode and r["variant"] == "bare" and r["status"] == "ok"), {})
             for r in rows:
                 if r["mode"] == mode and "median_ms" in r:
-                    r["x_bare"] = r["median_ms"] / base
+                    r["x_bare"] = r["median_ms"] / base.get("median_ms", math.nan)
+                    r["extra_peak_mb"] = r["peak_mem_mb"] - base.get("peak_mem_mb", math.nan)
         _write_csv(out / f"e2e_{family}.csv", [dict(meta, **r) for r in rows])
-    for mode in compile_modes:
-        for variant in variants:
-            label = f"{family} {variant} {mode}"
-            left = limit - (time.perf_counter() - t0)
-            need = 5.0 if mode == "eager" or dry else compile_seconds * 1.3
-            if dry and mode == "compiled" and variant not in ("bare", "klora"):
-                rows.append(dict(model=family, variant=variant, mode=mode, status="skipped (dry run)"))
-                continue
-            if left < need:
-                rows.append(dict(model=family, variant=variant, mode=mode, status="skipped (time limit)"))
-                continue
-            handle = undo = None
-            try:
-                if variant == "bare":
-                    model.disable_adapters()
-                else:
-                    model.enable_adapters()
-                    model.set_adapters(["subject", "style"])
+
+    if not dry:  # CUDA context, cuBLAS / cuDNN handles: not charged to the first row
+        model.disable_adapters()
+        timed(lambda: call())
+    for variant, weights, mode, cold in E2E_ROWS:
+        row = dict(model=family, variant=variant, weights=weights, mode=mode)
+        label = f"{family} {variant}{'/' + weights if weights else ''} {mode}"
+        left = limit - (time.perf_counter() - t0)
+        if mode == "compiled":
+            need = 5.0 if dry else compile_seconds * 1.3
+        else:
+            need = (30.0 if variant == "kl" else 15.0) if cold and not dry else 3.0 + 8 * step_s
+            need *= 6 if variant == "klora_official" and not dry else 1
+        if dry and mode == "compiled" and (family, variant) not in DRY_COMPILED:
+            rows.append(dict(row, status="skipped (dry run)"))
+            continue
+        if left < need:
+            rows.append(dict(row, status="skipped (time limit)"))
+            continue
+        rows.append(row)  # on file before it runs: a part killed at its limit shows which row it was in
+        row["status"] = "started (not finished: the part's time limit or a crash ended it)"
+        flush()
+        handle = undo = None
+        kw = dict(log_gates=False, timestep_divisor=divisor, progress=False)
+        if variant in ("klora", "est", "merge"):
+            kw["weights"] = weights
+
+        def install():
+            return lorafuse.accelerate_fusion(model, "subject", "style", variant, **kw)
+        try:
+            if variant == "bare":
+                model.disable_adapters()
+            else:
+                model.enable_adapters()
+                model.set_adapters(["subject", "style"])
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            if variant in METHODS and cold and mode == "eager":
+                folder = cache_root / f"{variant}-{weights}"
+                with cold_cache(folder) as cc:  # a fresh cache: what a new process compiles and tunes
+                    row["kernel_objects_reset"] = cc.cleared
+                    handle, row["cold_install_s"] = timed(install)
+                    _, row["cold_first_call_s"] = timed(lambda: first(call()))
+                got = compiled(folder)
+                distinct.update(got["keys"])
+                row.update(kernels_compiled=got["kernels"], launchers_built=got["launchers"],
+                           cache_mb=got["mb"], kernels_by_name=_by_name(got["by_name"]))
+                handle.remove()
+                handle = None
+                cm = cold_cache(folder)  # the same cache again: a new process's warm start
+            else:
+                cm = contextlib.nullcontext()
+            with cm:
                 if variant in METHODS:
-                    handle = lorafuse.accelerate_fusion(model, "subject", "style", variant, log_gates=False,
-                                                        timestep_divisor=divisor)
-                fn_model = model
+                    handle, row["install_s"] = timed(install)
+                elif variant == "klora_official":
+                    undo, row["install_s"] = timed(lambda: klora_official.install(model, num_steps=STEPS[family]))
                 if mode == "compiled":
                     torch._dynamo.reset()
-                    undo = _compile_regions(model, backend="eager" if dry else "inductor")
-                tc = time.perf_counter()
-                y = first(call(fn_model))
-                if mode == "compiled":
-                    compile_seconds = time.perf_counter() - tc
-                if variant == "peft" and mode == "eager":
-                    ref = y
-                ms = bench(lambda: call(fn_model))
-                rows.append(dict(model=family, variant=variant, mode=mode, status="ok", median_ms=ms,
-                                 rel_diff_vs_peft=_rel(y, ref) if ref is not None else math.nan,
-                                 first_call_s=round(time.perf_counter() - tc, 2)))
-            except Exception as exc:  # noqa: BLE001 - recorded; the other rows still run
-                rows.append(dict(model=family, variant=variant, mode=mode,
-                                 status=f"failed: {type(exc).__name__}: {str(exc)[:200]}"))
-                notes.append(f"{label}: {traceback.format_exc(limit=3)[-600:]}")
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-            finally:
-                if mode == "compiled" and undo is not None:
-                    undo()
-                    undo = None
-                if handle is not None:
-                    handle.remove()
-            flush()
-            print(f"[e2e] {label}: {rows[-1].get('status')} {rows[-1].get('median_ms', '')}", flush=True)
+                    undo_compile = _compile_regions(model, backend="eager" if dry else "inductor")
+                    undo = _chain(undo_compile, undo)
+                y, row["first_call_s"] = timed(lambda: first(call()))
+            if mode == "compiled":
+                compile_seconds = row["first_call_s"]
+            if variant == "peft" and mode == "eager":
+                ref = y
+            est = step_s if mode == "compiled" else row["first_call_s"]  # a compiled first call is the compile
+            ms = bench(lambda: call(), est)
+            if variant == "bare" and mode == "eager":
+                step_s = ms / 1e3
+            row.update(status="ok", median_ms=ms, rel_diff_vs_peft=_rel(y, ref) if ref is not None else math.nan,
+                       peak_mem_mb=torch.cuda.max_memory_allocated() / 2**20 if cuda else math.nan,
+                       mem_mb=torch.cuda.memory_allocated() / 2**20 if cuda else math.nan)
+        except Exception as exc:  # noqa: BLE001 - recorded; the other rows still run
+            row["status"] = f"failed: {type(exc).__name__}: {str(exc)[:200]}"
+            notes.append(f"{label}: {traceback.format_exc(limit=3)[-600:]}")
+            if cuda:
+                torch.cuda.synchronize()
+        finally:
+            if undo is not None:
+                undo()
+            if handle is not None:
+                handle.remove()
+        flush()
+        print(f"[e2e] {label}: {rows[-1].get('status')} {rows[-1].get('median_ms', '')}", flush=True)
     flush()
+    shutil.rmtree(cache_root, ignore_errors=True)
     rows = [dict(meta, **r) for r in rows]
     failed = [r for r in rows if r["status"].startswith("failed")]
     skipped = [r for r in rows if r["status"].startswith("skipped (time")]
     status = "failed" if failed else "partial" if skipped else "ok"
-    return {"status": status, "note": f"{sum(r['status'] == 'ok' for r in rows)}/{len(rows)} rows measured",
-            "rows": rows, "failures": notes[:6]}
+    note = f"{sum(r['status'] == 'ok' for r in rows)}/{len(rows)} rows measured; the cold starts compiled " \
+           f"{len(distinct)} distinct kernel specialisations in all"
+    return {"status": status, "note": note, "rows": rows, "failures": notes[:6],
+            "distinct_specialisations": len(distinct)}
+
+
+def _chain(*undos):
+    """One undo calling ``undos`` (None skipped) in order."""
+    def undo():
+        for u in undos:
+            if u is not None:
+                u()
+    return undo
 
 
 def _shape_note(family, dry):
@@ -601,14 +730,14 @@ def _plot_e2e(rows, path: Path) -> None:
     models = list(dict.fromkeys(r["model"] for r in rows))
     if not models:
         return
-    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(models), figsize=(7 * len(models), 4.5), squeeze=False)
     for ax, m in zip(axes[0], models):
-        variants = list(dict.fromkeys(r["variant"] for r in rows if r["model"] == m))
+        variants = _display_order([r for r in rows if r["model"] == m])
         for j, mode in enumerate(("eager", "compiled")):
-            vals = [next((float(r["x_bare"]) for r in rows if r["model"] == m and r["variant"] == v
+            vals = [next((float(r["x_bare"]) for r in rows if r["model"] == m and _label(r) == v
                           and r["mode"] == mode and r.get("x_bare") not in (None, "")), math.nan) for v in variants]
             ax.bar([i + 0.4 * j for i in range(len(variants))], vals, 0.4, label=mode)
-        ax.set_xticks([i + 0.2 for i in range(len(variants))], variants, fontsize=8)
+        ax.set_xticks([i + 0.2 for i in range(len(variants))], variants, fontsize=7, rotation=45, ha="right")
         ax.axhline(1.0, color="gray", lw=1, ls="--")
         ax.set_ylabel("denoiser step time / bare (same mode)")
         ax.set_title(m, fontsize=9)
@@ -631,11 +760,94 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
             w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
 
 
+def _label(r) -> str:
+    return r["variant"] + (f"/{r['weights']}" if r.get("weights") else "")
+
+
+_ORDER = {"bare": 0, "peft": 1, "klora_official": 2, "klora": 3, "est": 4, "merge": 5, "kl": 6}
+_WEIGHTS_ORDER = {"": 0, "scratch": 1, "inplace": 2, "off": 3, "fused": 4}
+
+
+def _display_order(rows) -> list[str]:
+    """The labels of ``rows`` for the tables: bare, PEFT, the official layer, then each method's modes."""
+    labels = {_label(r): (_ORDER.get(r["variant"], 9), _WEIGHTS_ORDER.get(r.get("weights", ""), 9)) for r in rows}
+    return sorted(labels, key=lambda k: labels[k])
+
+
+def _num(v) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _fmt(v, spec: str, none: str = "n/a") -> str:
+    v = _num(v)
+    return none if v != v else format(v, spec)
+
+
+def _e2e_summary(e2e: list[dict]) -> list[str]:
+    """The step table (time, x bare, peak memory, diff to PEFT) and the time-to-first-image table."""
+    for r in e2e:
+        for key in ("median_ms", "x_bare", "rel_diff_vs_peft", "peak_mem_mb", "extra_peak_mb", "install_s",
+                    "first_call_s", "cold_install_s", "cold_first_call_s", "kernels_compiled", "steps_per_image"):
+            r[key] = _num(r.get(key))
+    lines = ["", "## Denoiser step (median ms; x bare = same mode, same run; peak = `max_memory_allocated`, "
+             "reset per row)", "",
+             "| model | variant | eager ms | x bare | peak MB | + MB vs bare | compiled ms | x bare | rel diff vs PEFT |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for m in dict.fromkeys(r["model"] for r in e2e):
+        for v in _display_order([r for r in e2e if r["model"] == m]):
+            cells = []
+            for mode in ("eager", "compiled"):
+                r = next((r for r in e2e if r["model"] == m and _label(r) == v and r["mode"] == mode), {})
+                if r.get("status") == "ok":
+                    cells += [f"{r['median_ms']:.2f}", _fmt(r.get("x_bare"), ".2f")]
+                    if mode == "eager":
+                        cells += [_fmt(r["peak_mem_mb"], ".0f", "n/a (CPU)"), _fmt(r["extra_peak_mb"], "+.0f")]
+                else:
+                    cells += [str(r.get("status", "-"))[:60], ""] + (["", ""] if mode == "eager" else [])
+            er = next((r for r in e2e if r["model"] == m and _label(r) == v and r["mode"] == "eager"), {})
+            lines.append(f"| {m} | {v} | " + " | ".join(cells) + f" | {_fmt(er.get('rel_diff_vs_peft'), '.2e')} |")
+    shapes = {r["model"]: f"{r['shape']}, {r['dtype']}" for r in e2e}
+    lines += [""] + [f"- {m}: {s}, two rank-16 LoRAs, random weights" for m, s in shapes.items()]
+    lines += ["- weights: accelerate_fusion's mode for static methods (scratch: merged copy per layer; inplace: "
+              "merged into the layer, original on the host; off: fused low-rank path per call); kl always fused",
+              "- klora_official: the official K-LoRA layer (dense B A of both LoRAs, both top-K, a host-side "
+              "choice, a dense fp32 delta GEMM on every layer call; `benchmarks/klora_official.py`)"]
+    cold = [r for r in e2e if r["mode"] == "eager" and r.get("status") == "ok" and r["cold_first_call_s"] == r["cold_first_call_s"]]
+    if cold:
+        lines += ["", "## Time to first image (denoiser only: installation + first call, then the steady step)", "",
+                  "| model | method | cold cache s | warm cache s | cold - warm s | kernels compiled | launchers | "
+                  "first image cold / warm s |", "|---|---|---|---|---|---|---|---|"]
+        for m in dict.fromkeys(r["model"] for r in cold):
+            bare = next((r for r in e2e if r["model"] == m and r["variant"] == "bare" and r["mode"] == "eager"
+                         and r.get("status") == "ok"), None)
+            if bare is not None:
+                n = bare["steps_per_image"]
+                img = bare["first_call_s"] + (n - 1) * bare["median_ms"] / 1e3
+                lines.append(f"| {m} | bare | {bare['first_call_s']:.2f} | {bare['first_call_s']:.2f} | 0 | 0 | 0 | "
+                             f"{img:.1f} / {img:.1f} ({n:.0f} steps) |")
+            for r in sorted((r for r in cold if r["model"] == m), key=lambda r: _display_order(cold).index(_label(r))):
+                c, w = r["cold_install_s"] + r["cold_first_call_s"], r["install_s"] + r["first_call_s"]
+                n, step = r["steps_per_image"], r["median_ms"] / 1e3
+                lines.append(f"| {m} | {_label(r)} | {c:.2f} | {w:.2f} | {c - w:.2f} | {_fmt(r['kernels_compiled'], '.0f')} "
+                             f"| {r.get('launchers_built', '')} | {c + (n - 1) * step:.1f} / {w + (n - 1) * step:.1f} "
+                             f"({n:.0f} steps) |")
+        lines += ["", "Cold: a fresh `TRITON_CACHE_DIR` and lorafuse's in-memory kernel caches emptied (what a new "
+                  "process compiles and autotunes); warm: the same cache folder again (a new process's second run). "
+                  "Kernels compiled: binaries in the fresh cache (kernel x specialisation x autotune config; 0 under "
+                  "TRITON_INTERPRET, which compiles nothing); per kernel:"]
+        lines += [f"- {r['model']} {_label(r)}: {r.get('kernels_by_name') or '-'}" for r in cold]
+    lines += ["", "Rows: `e2e.csv`; plot: `e2e.png`."]
+    return lines
+
+
 def write_summary(out: Path, env: dict, results: dict, total_s: float) -> Path:
     lines = [f"# lorafuse GPU check: {env.get('device')}", ""]
     lines += ["| | |", "|---|---|"]
     for key in ("date", "device", "capability", "gpu_memory_gb", "driver", "cuda", "torch", "triton", "diffusers",
-                "peft", "python", "git_commit", "dry_run"):
+                "peft", "python", "git_commit", "dry_run", "wheels"):
         if key in env:
             lines.append(f"| {key} | {env[key]} |")
     lines.append(f"| total time | {total_s:.0f} s |")
@@ -653,28 +865,8 @@ def write_summary(out: Path, env: dict, results: dict, total_s: float) -> Path:
         lines += [f"| {p} | {v:.2f} |" for p, v in layer.items()]
         lines += ["", "Per case: `layer.csv`; plots: `plots/`."]
     e2e = list(csv.DictReader((out / "e2e.csv").open())) if (out / "e2e.csv").exists() else []
-    for r in e2e:
-        for key in ("median_ms", "x_bare", "rel_diff_vs_peft"):
-            r[key] = float(r[key]) if r.get(key) not in (None, "") else math.nan
     if e2e:
-        lines += ["", "## Denoiser step (median ms, `triton.testing.do_bench`; x bare = same mode, same run)", "",
-                  "| model | variant | eager ms | x bare | compiled ms | x bare | rel diff vs PEFT (eager) |",
-                  "|---|---|---|---|---|---|---|"]
-        for m in dict.fromkeys(r["model"] for r in e2e):
-            for v in dict.fromkeys(r["variant"] for r in e2e if r["model"] == m):
-                cells = []
-                for mode in ("eager", "compiled"):
-                    r = next((r for r in e2e if r["model"] == m and r["variant"] == v and r["mode"] == mode), {})
-                    if r.get("status") == "ok":
-                        cells += [f"{r['median_ms']:.2f}", f"{r.get('x_bare', math.nan):.2f}"]
-                    else:
-                        cells += [str(r.get("status", "-"))[:60], ""]
-                er = next((r for r in e2e if r["model"] == m and r["variant"] == v and r["mode"] == "eager"), {})
-                diff = er.get("rel_diff_vs_peft", math.nan)
-                lines.append(f"| {m} | {v} | " + " | ".join(cells) + f" | {diff:.2e} |")
-        shapes = {r["model"]: f"{r['shape']}, {r['dtype']}" for r in e2e}
-        lines += [""] + [f"- {m}: {s}, two rank-16 LoRAs, random weights" for m, s in shapes.items()]
-        lines += ["", "Rows: `e2e.csv`; plot: `e2e.png`."]
+        lines += _e2e_summary(e2e)
     lines += ["", "Logs: `logs/` (one per part), `pytest.log`; fuzz: `fuzz.csv`, `fuzz.png`.", ""]
     path = out / "summary.md"
     path.write_text("\n".join(lines))
@@ -729,16 +921,71 @@ def _isolated(name: str, out: Path, dry: bool, limit: float) -> dict:
             "failures": [tail], "seconds": time.perf_counter() - t0}
 
 
+def _fetch_wheels(dest: Path, with_matplotlib: bool) -> int:
+    from benchmarks import wheels
+
+    try:
+        got = wheels.fetch(dest, with_matplotlib=with_matplotlib)
+    except RuntimeError as exc:
+        print(f"gpu_check --fetch-wheels: {exc}", file=sys.stderr)
+        return 1
+    for w in got:
+        print(f"{w.stat().st_size / 2**20:7.2f} MB  {w.name}")
+    total = sum(w.stat().st_size for w in got) / 2**20
+    print(f"{len(got)} wheels, {total:.1f} MB in {dest}; their requirements are met by each other and the lent stack")
+    return 0
+
+
+def _install_wheels(src: Path) -> list[str]:
+    """``--wheels``: unpack, put first on sys.path / PYTHONPATH (child processes inherit it), remove at exit."""
+    import atexit
+    import shutil
+
+    from benchmarks import wheels
+
+    target = wheels.install(src)
+    atexit.register(shutil.rmtree, target, True)
+    names = [f"{n}=={v}" for n, v in sorted(wheels.wheel_name(w) for w in src.glob("*.whl"))]
+    print(f"[gpu_check] --wheels: {len(names)} wheels from {src} unpacked into {target}", flush=True)
+    return names
+
+
+def bundle(out: Path, dest: Path) -> Path:
+    """``dest/gpu_check.tar.gz`` (the folder ``out``) and ``dest/summary.md``: two files, whatever ``out``
+    holds (a lent machine returns at most 8 files, at most 2 folders deep)."""
+    import shutil
+    import tarfile
+
+    dest.mkdir(parents=True, exist_ok=True)
+    tar = dest / "gpu_check.tar.gz"
+    with tarfile.open(tar, "w:gz") as f:
+        f.add(out, arcname=out.name)
+    shutil.copyfile(out / "summary.md", dest / "summary.md")
+    return tar
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, required=True, help="folder for every result (created)")
+    p.add_argument("--out", type=Path, help="folder for every result (created)")
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, in-process: proves the check runs")
     p.add_argument("--parts", default=",".join(PARTS), help="comma-separated subset of " + ",".join(PARTS))
     p.add_argument("--time-limit", type=float, default=TOTAL_LIMIT, help="seconds for all parts together")
     p.add_argument("--in-process", action="store_true", help="no child process per part (default in --dry-run)")
+    p.add_argument("--wheels", type=Path, metavar="DIR", help="first unpack the wheels in DIR (--fetch-wheels) "
+                   "into a temporary folder put first on sys.path and PYTHONPATH: the lent machine's missing packages")
+    p.add_argument("--bundle", type=Path, metavar="DIR", help="at the end, write DIR/gpu_check.tar.gz (the whole "
+                   "--out folder) and DIR/summary.md, and print the summary (a lent machine returns <= 8 files)")
+    p.add_argument("--fetch-wheels", type=Path, metavar="DIR", help="only download, for CPython 3.12 manylinux "
+                   "x86_64, the pinned wheels the lent machines lack (benchmarks/wheels.py) into DIR, and check them")
+    p.add_argument("--with-matplotlib", action="store_true", help="--fetch-wheels: matplotlib and its wheels too")
     p.add_argument("--part", default=None, help=argparse.SUPPRESS)  # child process: run one part
     p.add_argument("--limit", type=float, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.fetch_wheels:
+        return _fetch_wheels(args.fetch_wheels, args.with_matplotlib)
+    if args.out is None:
+        p.error("--out is required (or --fetch-wheels DIR)")
+    installed = _install_wheels(args.wheels) if args.wheels else None  # before anything imports diffusers
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     (out / "logs").mkdir(exist_ok=True)
@@ -752,10 +999,24 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     import torch
 
+    threads = torch.get_num_threads()
+    if args.dry_run:  # tiny shapes: one thread is 5-50x faster than two on a loaded 2-core CI machine
+        torch.set_num_threads(1)
+    try:
+        return _run_parts(args, out, installed, t_start)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_parts(args, out: Path, installed: list[str] | None, t_start: float) -> int:
+    import torch
+
     if not args.dry_run and not torch.cuda.is_available():
         print("gpu_check: no CUDA GPU; use --dry-run on a CPU", file=sys.stderr)
         return 2
     env = environment(args.dry_run)
+    if installed:
+        env["wheels"] = " ".join(installed)
     (out / "env.json").write_text(json.dumps(env, indent=1))
     print(f"gpu_check on {env['device']} | torch {env['torch']} triton {env['triton']} | commit {env['git_commit']}")
     budgets = DRY_BUDGET if args.dry_run else PART_BUDGET
@@ -790,6 +1051,10 @@ def main(argv: list[str] | None = None) -> int:
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     path = write_summary(out, env, results, time.perf_counter() - t_start)
     print(f"[gpu_check] wrote {path} ({time.perf_counter() - t_start:.0f} s)")
+    if args.bundle:
+        tar = bundle(out, args.bundle)
+        print(path.read_text())
+        print(f"[gpu_check] bundle: {tar} ({tar.stat().st_size / 2**20:.1f} MB) and {args.bundle / 'summary.md'}")
     return 0 if all(r["status"] == "ok" for r in results.values()) else 1
 
 
