@@ -74,8 +74,8 @@ def _install(pipe, config: str):
     from lorafuse import accelerate_fusion
 
     if config.startswith("disabled"):
-        pipe.unet.disable_adapters()
-        return pipe.unet.enable_adapters
+        pipe.unet.disable_lora()  # (disable_adapters() raises in diffusers 0.32 after load_lora_weights)
+        return pipe.unet.enable_lora
     if config == "peft":
         return lambda: None
     _, method, options = next(m for m in METHODS if m[0] == config)

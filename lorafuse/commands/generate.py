@@ -78,13 +78,12 @@ def unet_config_of(folder: Path) -> dict | None:
 def load_pipeline(model: str, device, dtype):
     """A diffusers pipeline from a local folder."""
     from diffusers import DiffusionPipeline
-    from diffusers.pipelines import pipeline_utils
+
+    from ..integrations.compat import diffusers_dtype_kwargs
 
     folder = check_model_folder(model)
-    # diffusers renamed torch_dtype to dtype (the old name warns); older releases know only torch_dtype
-    dtype_key = "dtype" if hasattr(pipeline_utils, "_resolve_dtype") else "torch_dtype"
     try:
-        pipe = DiffusionPipeline.from_pretrained(str(folder), **{dtype_key: dtype})
+        pipe = DiffusionPipeline.from_pretrained(str(folder), **diffusers_dtype_kwargs(dtype))
     except (OSError, ValueError) as exc:
         raise UsageError(f"--model {model!r}: diffusers could not load it: {exc}") from None
     return pipe.to(device)

@@ -214,8 +214,11 @@ class CLIPScorer(ImageScorer):
         preprocessing from its ``preprocessor_config.json`` when present). Never downloads."""
         from transformers import CLIPVisionModelWithProjection
 
+        from ..integrations.compat import transformers_dtype_kwargs
+
         p = _local_dir(path)
-        model = CLIPVisionModelWithProjection.from_pretrained(str(p), local_files_only=True, dtype=dtype)
+        model = CLIPVisionModelWithProjection.from_pretrained(str(p), local_files_only=True,
+                                                              **transformers_dtype_kwargs(dtype))
         pre = _read_preprocessor(p)
         scorer = cls(model, image_size=pre.get("image_size"), mean=pre.get("mean", CLIP_MEAN),
                      std=pre.get("std", CLIP_STD), resize_to=pre.get("resize_to"), resize=resize)
@@ -252,8 +255,10 @@ class DINOScorer(ImageScorer):
         ``image_size``/``resize_to`` override it (EST's evaluation: resize 256, crop 224)."""
         from transformers import AutoModel
 
+        from ..integrations.compat import transformers_dtype_kwargs
+
         p = _local_dir(path)
-        model = AutoModel.from_pretrained(str(p), local_files_only=True, dtype=dtype)
+        model = AutoModel.from_pretrained(str(p), local_files_only=True, **transformers_dtype_kwargs(dtype))
         if not hasattr(model.config, "image_size"):
             raise GuidanceError(f"DINOScorer: {str(p)!r} holds a {type(model).__name__}, not a vision transformer")
         pre = _read_preprocessor(p)

@@ -42,6 +42,7 @@ from torch import nn
 from ..fusion.base import FusionMethod
 from ..guidance.config import GuidanceConfig
 from ..guidance.hook import GuidanceHandle
+from .compat import lora_variants
 from .discovery import (
     _adapter_layers, _execution_rank, _find_denoisers, _lora_layers, _peft_classes, _unwrap, _why_unpatched,
 )
@@ -908,7 +909,7 @@ class FusionHandle:
         act = [a for a in m.active_adapters if a in lora_a]
         if len(act) != 2 or s not in act or t not in act:
             return _ADAPTERS_CHANGED
-        variants = getattr(m, "lora_variant", None)
+        variants = lora_variants(m)
         if variants and (s in variants or t in variants):
             return "DoRA or another LoRA variant"
         lb = getattr(m, "lora_bias", None)

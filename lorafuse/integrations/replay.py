@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .compat import lora_variants
 from .tiny import denoiser, peft_layers
 
 
@@ -60,7 +61,7 @@ def peft_adapter_outputs(m, x, names, *args, **kwargs):
     per adapter). The layer's state is not changed."""
     f0 = m.base_layer(x, *args, **kwargs)
     dt = torch.float64 if f0.dtype == torch.float64 else torch.float32
-    variants = getattr(m, "lora_variant", None) or {}
+    variants = lora_variants(m)
     plain = type(m).forward in _plain_forwards()  # other layer classes (bitsandbytes, ...): their own forward
     ys, ds = [], []
     for a in names:

@@ -31,13 +31,13 @@ def bytes_to_unicode():
 
 
 def tiny_clip_tokenizer(model_max_length=77):
-    from transformers import CLIPTokenizer
+    from .compat import clip_tokenizer
 
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "!": 2}
     for ch in bytes_to_unicode():
         vocab.setdefault(ch, len(vocab))
         vocab.setdefault(ch + "</w>", len(vocab))
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=model_max_length)
+    return clip_tokenizer(vocab, [], model_max_length=model_max_length)
 
 
 def _clip_config(hidden=32, projection_dim=None):

@@ -57,7 +57,9 @@ def load_pipeline(spec: Spec, device: torch.device, dtype: torch.dtype):
     else:
         from diffusers import DiffusionPipeline
 
-        pipe = DiffusionPipeline.from_pretrained(spec.model, torch_dtype=dtype)
+        from ..integrations.compat import diffusers_dtype_kwargs
+
+        pipe = DiffusionPipeline.from_pretrained(spec.model, **diffusers_dtype_kwargs(dtype))
     pipe = pipe.to(device, dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe

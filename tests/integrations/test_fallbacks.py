@@ -24,7 +24,7 @@ pytest.importorskip("peft")
 from lorafuse.integrations import FusionFallbackWarning, accelerate_fusion  # noqa: E402
 
 from .reference import GateReplay  # noqa: E402
-from .tiny import lora_state_dict, run, sd15_pipeline  # noqa: E402
+from .tiny import lora_state_dict, needs, run, sd15_pipeline  # noqa: E402
 
 
 def close(a, b, atol=2e-5):
@@ -102,6 +102,7 @@ def test_kl_fallback_keeps_the_decision_offload_and_dora():
     assert close(out, replay(pipe, log, 1)) and not close(out, peft_sum)
 
 
+@needs("layerwise_casting")
 def test_layerwise_casting_keeps_the_method_before_and_after_install(caplog):
     """enable_layerwise_casting (fp8 storage) after accelerate_fusion, and before it (the PEFT layers
     then carry diffusers' hooks: ours goes innermost in the chain): the fused path on the cast
@@ -320,6 +321,7 @@ def test_coverage_none_runs_the_unpatched_layers_without_lora():
     assert all("forward" not in m.__dict__ for m in pipe.unet.modules())
 
 
+@needs("hotswap")
 def test_hotswap_rescores_the_covered_conv_layers():
     """A hotswap of the style adapter (conv LoRAs included) gives the covered conv layers the scores
     a fresh installation on the new factors computes (the patched layers are re-prepared too)."""

@@ -17,7 +17,7 @@ from lorafuse.integrations import accelerate_fusion  # noqa: E402
 
 from .doubles import SwitchDouble  # noqa: E402
 from .test_diffusers import close, make, replay  # noqa: E402
-from .tiny import denoiser, peft_layers, run  # noqa: E402
+from .tiny import denoiser, needs, peft_layers, run  # noqa: E402
 
 MODES = ["scratch", "inplace"]
 
@@ -330,6 +330,7 @@ def test_summary_reports_what_is_left_on_peft(caplog):
     h.remove()
 
 
+@needs("hotswap")
 def test_hotswap_reprepares_and_moves_do_not_warn():
     """hotswap=True into the style adapter while fused gives what a fresh installation on the new
     LoRA gives; a dtype round trip of the denoiser warns of nothing; fuse_lora() before

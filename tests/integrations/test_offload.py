@@ -18,7 +18,7 @@ pytest.importorskip("peft")
 from lorafuse.integrations import accelerate_fusion  # noqa: E402
 
 from .test_diffusers import close, make  # noqa: E402
-from .tiny import run  # noqa: E402
+from .tiny import needs, run  # noqa: E402
 
 MODES = ["scratch", "inplace", "off"]
 STEPS = 2
@@ -52,6 +52,7 @@ def group_offload(pipe, level, tmp_path):
                                    offload_to_disk_path=str(tmp_path), **kw)
 
 
+@needs("group_offload_to_disk")
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("level,order", [("block_level", "offload first"), ("leaf_level", "fuse first")])
 def test_group_offload_to_disk_keeps_the_methods_result(level, order, mode, reference, tmp_path):
@@ -77,7 +78,8 @@ def test_group_offload_to_disk_keeps_the_methods_result(level, order, mode, refe
     assert close(after, plain), (after - plain).abs().max()
 
 
-@pytest.mark.parametrize("how", ["group offload to disk", "model offload", "sequential offload"])
+@pytest.mark.parametrize("how", [pytest.param("group offload to disk", marks=needs("group_offload_to_disk")),
+                                 "model offload", "sequential offload"])
 def test_inplace_weights_are_handed_back_before_offloading_copies_them(how, reference, tmp_path):
     """weights="inplace" after a generation: the weights hold W + dW. Enabling offloading copies them
     (the disk file, accelerate's weights_map): the originals are written back first (pipeline and
@@ -90,7 +92,10 @@ def test_inplace_weights_are_handed_back_before_offloading_copies_them(how, refe
     h = accelerate_fusion(pipe, "sbj", "sty", weights="inplace", **KLORA)
     assert close(run(pipe, "sd15", STEPS), fused)
     watched = {"enable_group_offload", "enable_model_cpu_offload", "enable_sequential_cpu_offload"}
-    assert watched <= set(vars(pipe)) and "enable_group_offload" in vars(pipe.unet)
+    # the ones this diffusers has (group offloading: diffusers >= 0.33, on pipelines >= 0.36)
+    watched = {n for n in watched if hasattr(type(pipe), n)}
+    group = hasattr(type(pipe.unet), "enable_group_offload")
+    assert watched <= set(vars(pipe)) and ("enable_group_offload" in vars(pipe.unet)) == group
     if how == "group offload to disk":
         group_offload(pipe, "block_level", tmp_path)
     elif how == "model offload":

@@ -59,3 +59,14 @@ def load_two(pipe, family, r_sbj=4, r_sty=8, targets=None, subject_te=False):
     pipe.load_lora_weights(sbj, adapter_name="sbj")
     pipe.load_lora_weights(sty, adapter_name="sty")
     return sbj, sty
+
+
+def needs(feature: str):
+    """Skip marker for a test of a diffusers feature that the installed diffusers / PEFT lack (the oldest
+    releases setup.py admits): feature-detected, the reason names the release that introduced it."""
+    import pytest
+
+    from lorafuse.integrations.compat import missing_diffusers_feature
+
+    why = missing_diffusers_feature(feature)
+    return pytest.mark.skipif(why is not None, reason=why or "")
