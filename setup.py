@@ -17,7 +17,7 @@ setup(
     install_requires=["torch>=2.8,<2.15", "triton>=3.4,<3.10", "numpy", "safetensors"],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "hypothesis", "pyyaml"],  # pyyaml: the sweep tests read YAML SPECs
-        "diffusers": ["diffusers>=0.32", "transformers", "peft>=0.14", "safetensors", "accelerate", "tqdm"],
+        "diffusers": ["diffusers>=0.32", "transformers>=4.41.2", "peft>=0.14", "safetensors", "accelerate", "tqdm"],
         "plot": ["matplotlib"],
         "sweep": ["pyyaml", "accelerate", "tqdm"],  # lorafuse sweep (with the diffusers extra; JSON SPECs need no yaml)
     },

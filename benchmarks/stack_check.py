@@ -50,7 +50,7 @@ TEST_DEPS = ["pytest", "pytest-benchmark", "hypothesis", "pyyaml", "safetensors"
 KERNEL_TESTS = ["tests/kernels", "tests/fusion"]
 #: every test that imports diffusers or PEFT (the integration, its users and the CLI)
 INTEGRATION_TESTS = ["tests/integrations", "tests/guidance", "tests/sweep", "tests/test_cli.py",
-                     "tests/test_cli_usage.py", "tests/test_readme.py", "tests/fusion/test_methods.py"]
+                     "tests/test_cli_usage.py", "tests/test_readme.py", "tests/test_benchmark_smoke.py"]
 OLD_INTERPRETER_NUMPY = "numpy<2.4"
 
 
