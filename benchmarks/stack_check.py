@@ -1,8 +1,8 @@
 """The supported-version matrix, run: each stack in a venv of its own, built from pinned versions.
 
-    python -m benchmarks.stack_check STACK [STACK ...] [--venvs DIR] [--cleanup] [--list]
+    python -m benchmarks.stack_check STACK [STACK ...] [--venvs DIR] [--cleanup] [--jobs N] [--list]
     python -m benchmarks.stack_check gpu-lent        # the lent GPU machines' exact stack, full suite
-    python -m benchmarks.stack_check ci              # what .ci/run runs after README's test command
+    python -m benchmarks.stack_check ci --jobs 2     # what .ci/run runs after README's test command
 
 Stacks (:data:`STACKS`):
 
@@ -18,13 +18,16 @@ Stacks (:data:`STACKS`):
 - ``gpu-lent``: the lent H100/H200 machines' stack (Python 3.12, torch 2.11.0 CUDA build, Triton
   3.6.0, transformers 5.17.0, accelerate 1.15.0, huggingface_hub 1.33.0), ~5 GB: ``compile_check``,
   the GPU check's dry run with nothing but the wheels ``gpu_check --fetch-wheels`` prepared (exactly
-  what the lent machine gets), then README's whole test suite.
+  what the lent machine gets), then README's whole test suite. ``ci`` runs the kernel and fusion tests
+  instead of the whole suite (the default stack ran it with the same diffusers and PEFT; CI's time).
 - ``diffusers-floor``: the oldest diffusers / PEFT the ``diffusers`` extra admits
   (``.ci/floor-diffusers.txt``) over the running interpreter's torch and Triton: every test that
   imports diffusers or PEFT.
 
 A stack's venv is reused while its pins are unchanged (a stamp file holds them); ``--venvs`` puts the
-venvs elsewhere (CI: a fresh temporary folder), ``--cleanup`` deletes each after its checks (CI: disk).
+venvs elsewhere (CI: a fresh temporary folder), ``--cleanup`` deletes each after its checks (CI: disk),
+``--jobs 2`` runs two stacks at once, each check on one thread (on 2 cores the interpreter and ptxas
+use one core each: nearly twice the throughput), each stack's log printed whole when it ends.
 Triton <= 3.6's interpreter needs NumPy < 2.4 (see ``lorafuse.kernels._common.interpreter_problem``),
 so the stacks with such a Triton pin it; GPU compilation does not care.
 
@@ -41,17 +44,22 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-TEST_DEPS = ["pytest", "pytest-benchmark", "hypothesis", "pyyaml", "safetensors"]
+TEST_DEPS = ["pytest", "pytest-benchmark", "hypothesis", "pyyaml"]
+#: lorafuse's install_requires beside torch, triton and numpy: what a fresh venv adds
+PACKAGE_DEPS = ["safetensors"]
 KERNEL_TESTS = ["tests/kernels", "tests/fusion"]
 #: every test that imports diffusers or PEFT (the integration, its users and the CLI)
 INTEGRATION_TESTS = ["tests/integrations", "tests/guidance", "tests/sweep", "tests/test_cli.py",
                      "tests/test_cli_usage.py", "tests/test_readme.py", "tests/test_benchmark_smoke.py"]
 OLD_INTERPRETER_NUMPY = "numpy<2.4"
+_PIP_NOISE = "WARNING: Location 'file:///opt/"  # this machine's pip config names local indexes pip skips
 
 
 @dataclass(frozen=True)
@@ -66,6 +74,7 @@ class Stack:
     python: str = ""  # "3.12": that minor's interpreter (fresh venvs); "": the running one
     what: str = ""
     constraints: tuple[str, ...] = field(default=())  # pins applied to the suite's extra installs
+    ci_checks: tuple[str, ...] = field(default=())  # what `ci` runs, when less than ``checks``
 
 
 def _triton_minor(version: str, numpy_pin: bool) -> Stack:
@@ -81,13 +90,15 @@ STACKS: dict[str, Stack] = {
     "triton-3.6": _triton_minor("3.6.0", True),
     "triton-3.7": _triton_minor("3.7.1", False),
     "triton-3.8": _triton_minor("3.8.0", False),
-    "floor": Stack("fresh", ("torch==2.8.0", "triton==3.4.0", OLD_INTERPRETER_NUMPY, *TEST_DEPS),
+    "floor": Stack("fresh", ("torch==2.8.0", "triton==3.4.0", OLD_INTERPRETER_NUMPY, *PACKAGE_DEPS, *TEST_DEPS),
                    ("compile", "kernels"), python="3.10",
                    what="the declared floor: Python 3.10, torch 2.8.0 + the Triton it pins"),
-    "newest": Stack("fresh", ("torch==2.14.1", "triton==3.8.0", *TEST_DEPS), ("compile", "kernels"), python="3.13",
+    "newest": Stack("fresh", ("torch==2.14.1", "triton==3.8.0", "numpy", *PACKAGE_DEPS, *TEST_DEPS),
+                    ("compile", "kernels"), python="3.13",
                     what="the newest Python and torch these machines install (torch 2.14.1 pins Triton 3.8)"),
     "gpu-lent": Stack("fresh", (*LENT, OLD_INTERPRETER_NUMPY), ("compile", "gpu_dry", "suite"), python="3.12",
-                      what="the lent H100/H200 machines' stack", constraints=LENT),
+                      what="the lent H100/H200 machines' stack", constraints=LENT,
+                      ci_checks=("compile", "gpu_dry", "kernels")),
     "diffusers-floor": Stack("system", ("-r", str(ROOT / ".ci" / "floor-diffusers.txt")), ("integrations",),
                              what="the oldest diffusers + PEFT the diffusers extra admits"),
 }
@@ -164,18 +175,36 @@ def _pytest(py: Path, paths, env, log, timeout) -> int:
     return _run([str(py), "-m", "pytest", *paths, "-q", "-p", "no:cacheprovider"], env=env, log=log, timeout=timeout)
 
 
+def _add_packages(py: Path, stack: Stack, packages, log, workdir: Path) -> int:
+    """Install ``packages`` into the stack's venv under its own pins (``constraints``). They change the
+    venv, so its stamp goes: the next run rebuilds it pristine (the GPU check's dry run must see the
+    lent machine's packages alone)."""
+    constraints = workdir / "constraints.txt"
+    constraints.write_text("\n".join(stack.constraints) + "\n")
+    (py.parent.parent / "stamp.json").unlink(missing_ok=True)
+    try:
+        _pip(py, ["-c", str(constraints), *packages], log)
+        return 0
+    except RuntimeError as e:
+        print(e, file=log, flush=True)
+        return 1
+
+
 def run_checks(name: str, stack: Stack, py: Path, log, workdir: Path) -> list[tuple[str, bool, float]]:
     """Run the stack's checks; (check, passed, seconds) each."""
     results = []
     # one Triton cache per stack: compile_check's builds are reused by the kernel tests' own report
     cache = dict(TRITON_CACHE_DIR=str(workdir / "triton-cache"))
+    # a fresh venv without the test extra (gpu-lent: the lent machine's packages) gets it before its tests
+    needs_test_deps = stack.base == "fresh" and not any(p.startswith("pytest") for p in stack.pip)
     for check in stack.checks:
         t0 = time.perf_counter()
         if check == "compile":
             rc = _run([str(py), "-m", "lorafuse.kernels.compile_check", "--arch", "80", "90"],
                       env=_env(False, **cache), log=log, timeout=1200)
         elif check == "kernels":
-            rc = _pytest(py, KERNEL_TESTS, _env(True, **cache), log, 1800)
+            rc = _add_packages(py, stack, TEST_DEPS, log, workdir) if needs_test_deps else 0
+            rc = rc or _pytest(py, KERNEL_TESTS, _env(True, **cache), log, 1800)
         elif check == "integrations":
             rc = _pytest(py, INTEGRATION_TESTS, _env(True, **cache), log, 2400)
         elif check == "gpu_dry":
@@ -185,27 +214,54 @@ def run_checks(name: str, stack: Stack, py: Path, log, workdir: Path) -> list[tu
             if rc == 0:
                 rc = _run([str(py), "-m", "benchmarks.gpu_check", "--wheels", str(wheels), "--dry-run",
                            "--out", str(workdir / "gpu-dry")], env=_env(True, **cache), log=log, timeout=900)
-        elif check == "suite":
-            # README's test command: the test and diffusers extras added, the stack's own pins held
-            constraints = workdir / "constraints.txt"
-            constraints.write_text("\n".join(stack.constraints) + "\n")
-            extras = ["-c", str(constraints), "diffusers==0.42.1", "peft==0.21.2", "matplotlib", "tqdm", *TEST_DEPS]
-            # the extras change the venv: its stamp goes, so the next run rebuilds it pristine (the GPU
-            # check's dry run must see the lent machine's packages alone)
-            (py.parent.parent / "stamp.json").unlink(missing_ok=True)
-            try:
-                _pip(py, extras, log)
-                rc = _pytest(py, ["tests"], _env(True, **cache), log, 3000)
-            except RuntimeError as e:
-                print(e, file=log, flush=True)
-                rc = 1
+        elif check == "suite":  # README's test command: the test and diffusers extras, the stack's own pins held
+            rc = _add_packages(py, stack, ["diffusers==0.42.1", "peft==0.21.2", "matplotlib", "tqdm", *TEST_DEPS],
+                               log, workdir)
+            rc = rc or _pytest(py, ["tests"], _env(True, **cache), log, 3000)
         else:
             raise ValueError(f"unknown check {check!r}")
         ok = rc == 0
         results.append((check, ok, time.perf_counter() - t0))
-        print(f"[stack_check] {name}: {check} {'ok' if ok else f'FAILED (exit {rc})'} "
-              f"in {time.perf_counter() - t0:.0f} s", flush=True)
+        verdict = "ok" if ok else f"FAILED (exit {rc})"
+        say(f"[stack_check] {name}: {check} {verdict} in {time.perf_counter() - t0:.0f} s")
     return results
+
+
+_PRINT = threading.Lock()
+
+
+def say(*lines: str) -> None:
+    """Print whole lines at once (stacks run in parallel threads)."""
+    with _PRINT:
+        print(*lines, sep="\n", flush=True)
+
+
+def run_stack(name: str, checks: tuple[str, ...], venvs: Path, cleanup: bool, log_dir: Path | None) -> list:
+    """Build one stack's venv and run ``checks``; its output streams to stdout, or with ``log_dir``
+    (parallel runs) goes to a file printed whole when the stack ends. (stack, check, ok, seconds) each."""
+    stack, t0 = STACKS[name], time.perf_counter()
+    stack = replace(stack, checks=checks)
+    log = (log_dir / f"{name}.log").open("w") if log_dir else sys.stdout
+    say(f"[stack_check] {name}: {stack.what}")
+    workdir = Path(tempfile.mkdtemp(prefix=f"stack-{name}-"))
+    try:
+        py = build_venv(name, stack, venvs, log)
+        say(f"[stack_check] {name}: venv ready in {time.perf_counter() - t0:.0f} s")
+        _run([str(py), "-c", "import sys, torch, triton, numpy; print('python', sys.version.split()[0], 'torch', "
+              "torch.__version__, 'triton', triton.__version__, 'numpy', numpy.__version__)"], log=log)
+        return [(name, *r) for r in run_checks(name, stack, py, log, workdir)]
+    except (RuntimeError, OSError) as e:
+        say(f"[stack_check] {name}: could not build the venv: {e}")
+        return [(name, "venv", False, time.perf_counter() - t0)]
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+        if cleanup:
+            shutil.rmtree(venvs / name, ignore_errors=True)
+        if log_dir:
+            log.close()
+            text = (log_dir / f"{name}.log").read_text(errors="replace").splitlines()
+            say(f"[stack_check] ---- {name}: log ----", *(ln for ln in text if not ln.startswith(_PIP_NOISE)),
+                f"[stack_check] ---- {name}: end of log ----")
 
 
 def main(argv=None) -> int:
@@ -214,42 +270,36 @@ def main(argv=None) -> int:
     ap.add_argument("--venvs", type=Path, default=Path.home() / ".cache" / "lorafuse-stacks",
                     help="folder of the stacks' venvs (default: ~/.cache/lorafuse-stacks, reused)")
     ap.add_argument("--cleanup", action="store_true", help="delete each stack's venv after its checks")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="stacks run at once (each check then on one thread: OMP_NUM_THREADS=1); default 1")
     ap.add_argument("--list", action="store_true", help="list the stacks and exit")
     args = ap.parse_args(argv)
     if args.list or not args.stacks:
         for name, s in STACKS.items():
-            print(f"{name:16s} {s.what}: {' '.join(s.pip)} -> {', '.join(s.checks)}")
+            print(f"{name:16s} {s.what}: {' '.join(s.pip)} -> {', '.join(s.checks)}"
+                  + (f" (ci: {', '.join(s.ci_checks)})" if s.ci_checks else ""))
         return 0
-    names = [n for a in args.stacks for n in (CI if a == "ci" else (a,))]
-    unknown = [n for n in names if n not in STACKS]
+    jobs = [(n, STACKS[n].ci_checks or STACKS[n].checks) if a == "ci" else (a, STACKS[a].checks if a in STACKS else ())
+            for a in args.stacks for n in (CI if a == "ci" else (a,))]
+    unknown = [n for n, _ in jobs if n not in STACKS]
     if unknown:
         ap.error(f"unknown stack(s) {', '.join(unknown)}; known: {', '.join(STACKS)}, ci")
     args.venvs.mkdir(parents=True, exist_ok=True)
-    summary = []
-    for name in names:
-        stack, t0 = STACKS[name], time.perf_counter()
-        print(f"[stack_check] {name}: {stack.what}", flush=True)
-        workdir = Path(tempfile.mkdtemp(prefix=f"stack-{name}-"))
-        try:
-            py = build_venv(name, stack, args.venvs, sys.stdout)
-            print(f"[stack_check] {name}: venv ready in {time.perf_counter() - t0:.0f} s", flush=True)
-            _run([str(py), "-c", "import torch, triton, numpy; print('torch', torch.__version__, 'triton', "
-                  "triton.__version__, 'numpy', numpy.__version__)"], log=sys.stdout)
-            summary += [(name, *r) for r in run_checks(name, stack, py, sys.stdout, workdir)]
-        except (RuntimeError, OSError) as e:
-            print(f"[stack_check] {name}: could not build the venv: {e}", flush=True)
-            summary.append((name, "venv", False, time.perf_counter() - t0))
-        finally:
-            shutil.rmtree(workdir, ignore_errors=True)
-            if args.cleanup:
-                shutil.rmtree(args.venvs / name, ignore_errors=True)
-        sys.stdout.flush()
-    print("\n[stack_check] summary")
-    for name, check, ok, secs in summary:
-        print(f"  {name:16s} {check:13s} {'ok' if ok else 'FAILED':7s} {secs:6.0f} s")
+    t0 = time.perf_counter()
+    if args.jobs > 1:
+        os.environ.setdefault("OMP_NUM_THREADS", "1")  # two single-threaded checks beat two fighting for 2 cores
+        log_dir = Path(tempfile.mkdtemp(prefix="stack-logs-"))
+        with ThreadPoolExecutor(args.jobs) as pool:
+            futures = [pool.submit(run_stack, n, c, args.venvs, args.cleanup, log_dir) for n, c in jobs]
+            summary = [row for f in futures for row in f.result()]
+        shutil.rmtree(log_dir, ignore_errors=True)
+    else:
+        summary = [row for n, c in jobs for row in run_stack(n, c, args.venvs, args.cleanup, None)]
+    say("", f"[stack_check] summary ({time.perf_counter() - t0:.0f} s, {args.jobs} at a time)",
+        *(f"  {name:16s} {check:13s} {'ok' if ok else 'FAILED':7s} {secs:6.0f} s" for name, check, ok, secs in summary))
     failed = [f"{n}:{c}" for n, c, ok, _ in summary if not ok]
-    print(f"[stack_check] {len(summary) - len(failed)} passed, {len(failed)} failed" +
-          (f": {', '.join(failed)}" if failed else ""))
+    say(f"[stack_check] {len(summary) - len(failed)} checks ok, {len(failed)} failed"
+        + (f": {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0
 
 
