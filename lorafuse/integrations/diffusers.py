@@ -113,7 +113,7 @@ def accelerate_fusion(
             (merge weights, klora / est's selection from the layer's own scores, kl's per-sample
             decision; a single adapter acts alone under a selecting method), "peft" PEFT's sum of
             the active adapters, as loading the LoRAs gives, "none" neither adapter (the base layer:
-            the official K-LoRA code's result there) (see :meth:`FusionHandle._cover`).
+            the official K-LoRA code's result there) (see :mod:`lorafuse.integrations.coverage`).
             ``handle.summary()`` counts the layers per policy and reason.
         **method_options: passed to ``get_method`` (pattern, alpha, beta, D, official mode, ...).
 
