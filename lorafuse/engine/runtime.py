@@ -130,7 +130,7 @@ class FusionEngine:
 
     @property
     def path(self) -> str:
-        """"merged" (one F.linear on W_eff per layer call) or "fused" (the method's fused kernel)."""
+        """The layers' path: "merged" (one F.linear on W_eff per call) or "fused" (the fused kernel)."""
         return "merged" if self.merged is not None else "fused"
 
     def release(self, weights: Sequence[torch.Tensor | None] | None = None) -> None:
