@@ -19,7 +19,7 @@ from typing import Any, Iterator, Protocol
 import torch
 from torch import nn
 
-from ..engine import FusionEngine
+from ..engine import FusionEngine, SamplingRun
 from ..engine.gate_plot import plot_gate_log
 from ..fusion import FusionMethod, LayerLoRAs
 from .coverage import Coverage
@@ -77,7 +77,7 @@ class FusionHandle:
         fallbacks: reason -> number of layer calls that left the fused / merged path for that reason.
         calls: denoiser calls seen since installation.
         guidance: the :class:`~lorafuse.guidance.GuidanceHandle` of ``accelerate_fusion(guidance=...)``.
-        engine: the :class:`~lorafuse.engine.FusionEngine` (its ``run``: the current sampling run).
+        engine: the :class:`~lorafuse.engine.FusionEngine`; ``run``: its current sampling run.
 
     Which adapters it activates, what falls back and why, and the order with compile / offload /
     hotswap: see :func:`accelerate_fusion`; :meth:`summary` says what this installation covers.
@@ -140,6 +140,12 @@ class FusionHandle:
     @property
     def log_gates(self) -> bool:
         return self.engine.log_gates
+
+    @property
+    def run(self) -> SamplingRun | None:
+        """The current :class:`~lorafuse.engine.SamplingRun` (step, tau, recorder; None before the
+        first denoiser call): a new one at each generation."""
+        return self.engine.run
 
     @property
     def layer_names(self) -> list[str]:
