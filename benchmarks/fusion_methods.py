@@ -33,7 +33,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 if __package__ in (None, ""):  # `python benchmarks/fusion_methods.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.run import RESULTS, _cpu_ticks, _device_name, _git_commit, _sync, _triton_version, other_cpu_share
+from benchmarks.run import RESULTS, cpu_ticks, device_name, git_commit, other_cpu_share, sync, triton_version
 from lorafuse.fusion import ESTLoRA, KLoRA, LayerLoRAs, Progress
 from lorafuse.fusion.schedule import time_scale
 
@@ -107,10 +107,10 @@ def per_layer_loop(method) -> callable:
 
 def time_prepare(factory, layers, device) -> float:
     factory().prepare(layers[:8], device)  # warm-up: allocator, Triton JIT/autotune on GPU
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     factory().prepare(layers, device)
-    _sync(device)
+    sync(device)
     return time.perf_counter() - t0
 
 
@@ -144,9 +144,9 @@ def run(device: torch.device, ranks_list, num_layers: int, rounds: int) -> list[
         layers = make_layers(shapes, (rank, rank), device)
         for name, factory in (("klora", lambda: KLoRA(stats_backend=backend)),
                               ("est", lambda: ESTLoRA(stats_backend=backend))):
-            before, t0 = _cpu_ticks(), time.perf_counter()
+            before, t0 = cpu_ticks(), time.perf_counter()
             seconds = time_prepare(factory, layers, device)
-            other = other_cpu_share(before, _cpu_ticks(), time.perf_counter() - t0)
+            other = other_cpu_share(before, cpu_ticks(), time.perf_counter() - t0)
             rows.append({"benchmark": "prepare", "method": name, "ranks": f"{rank},{rank}", "layers": len(layers),
                          "median_ms": seconds * 1e3, "other_cpu": other})
             print(f"prepare   {name:5s} ranks {rank:3d}/{rank:<3d} {len(layers)} layers: {seconds * 1e3:10.1f} ms "
@@ -165,9 +165,9 @@ def run(device: torch.device, ranks_list, num_layers: int, rounds: int) -> list[
         baseline()
         assert torch.equal(method._gates, expected), "the per-layer loop computes other gates"
         ops, base_ops = count_ops(fused), count_ops(baseline)
-        before, t0 = _cpu_ticks(), time.perf_counter()
+        before, t0 = cpu_ticks(), time.perf_counter()
         ms = time_calls({"fused": fused, "loop": baseline}, device, rounds)
-        other = other_cpu_share(before, _cpu_ticks(), time.perf_counter() - t0)
+        other = other_cpu_share(before, cpu_ticks(), time.perf_counter() - t0)
         rows.append({"benchmark": "gate_update", "method": name, "ranks": "8,8", "layers": len(layers),
                      "median_ms": ms["fused"], "baseline": "python loop over layers", "baseline_ms": ms["loop"],
                      "speedup_vs_baseline": ms["loop"] / ms["fused"], "aten_ops": ops, "baseline_aten_ops": base_ops,
@@ -179,8 +179,8 @@ def run(device: torch.device, ranks_list, num_layers: int, rounds: int) -> list[
 
 def append_csv(path: Path, rows: list[dict], device: torch.device) -> None:
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "device": _device_name(device), "torch": torch.__version__, "triton": _triton_version(),
-            "git_commit": _git_commit()}
+            "device": device_name(device), "torch": torch.__version__, "triton": triton_version(),
+            "git_commit": git_commit()}
     new = not path.exists()
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a", newline="") as f:
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= args.layers <= 560:
         p.error("--layers must be in 1..560")
     ranks = [int(r) for r in args.ranks.split(",")]
-    print(f"fusion-method costs on {_device_name(device)}, torch {torch.__version__}")
+    print(f"fusion-method costs on {device_name(device)}, torch {torch.__version__}")
     rows = run(device, ranks, args.layers, args.rounds)
     if not args.no_csv:
         append_csv(args.csv, rows, device)

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.run import _device_name, _git_commit
+from benchmarks.run import device_name, git_commit
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
@@ -167,9 +167,9 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore", message=".*peft_config.*")
     meta = {
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "torch_threads": torch.get_num_threads(), "machine": _device_name(torch.device("cpu")), "python": platform.python_version(),
+        "torch_threads": torch.get_num_threads(), "machine": device_name(torch.device("cpu")), "python": platform.python_version(),
         "torch": torch.__version__, "diffusers": _version("diffusers"), "transformers": _version("transformers"),
-        "peft": _version("peft"), "git_commit": _git_commit(),
+        "peft": _version("peft"), "git_commit": git_commit(),
     }
     print(f"guidance benchmark: {meta['machine']}, torch {meta['torch']} ({meta['torch_threads']} threads), "
           f"diffusers {meta['diffusers']}, transformers {meta['transformers']}, {meta['date']}")

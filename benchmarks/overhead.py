@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.fusion_methods import count_ops
-from benchmarks.run import RESULTS, _cpu_ticks, _device_name, _git_commit, other_cpu_share
+from benchmarks.run import RESULTS, cpu_ticks, device_name, git_commit, other_cpu_share
 
 METHODS = [  # (label, method, accelerate_fusion options)
     ("klora", "klora", {}),
@@ -122,7 +122,6 @@ def layer_rows(pipe, rounds: int, calls: int) -> list[dict]:
         def go():
             undo = _install(pipe, config)
             if config not in ("disabled", "peft"):  # as inside a denoiser call: the step's gates are set
-                pipe.unet.__dict__["_lorafuse_fusion_handle"]._started = True
                 hook_step(pipe, fake_step)
             return undo
         return go
@@ -170,7 +169,7 @@ def denoiser_rows(size: str, rounds: int, calls: int) -> list[dict]:
     pair alike. Times are this thread's CPU time (the host work a GPU would wait on; a preemption by
     another process is not counted). "disabled again" is a second LoRA-disabled config: its ratio is
     the noise floor of the method."""
-    from lorafuse.integrations.diffusers import _lora_layers
+    from lorafuse.integrations.discovery import _lora_layers
 
     configs = ["disabled", "disabled again", "peft"] + [label for label, _, _ in METHODS]
     copies = [_pipeline(size) for _ in configs]
@@ -266,8 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    ticks0, t0 = _cpu_ticks(), time.perf_counter()
-    machine = _device_name(torch.device("cpu"))  # names the thread count the rows ran with
+    ticks0, t0 = cpu_ticks(), time.perf_counter()
+    machine = device_name(torch.device("cpu"))  # names the thread count the rows ran with
     try:
         rows = layer_rows(_pipeline("tiny"), args.rounds, args.layer_calls)
         for size in args.pipelines:
@@ -275,8 +274,8 @@ def main(argv: list[str] | None = None) -> int:
         rows += rebuild_rows(args.rounds)
     finally:
         torch.set_num_threads(threads)
-    other = other_cpu_share(ticks0, _cpu_ticks(), time.perf_counter() - t0)
-    meta = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), commit=_git_commit(),
+    other = other_cpu_share(ticks0, cpu_ticks(), time.perf_counter() - t0)
+    meta = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), commit=git_commit(),
                 machine=machine, threads=1, other_cpu=f"{other:.2f}")
     print(f"1 thread, {args.rounds} interleaved rounds, other processes used {other:.0%} of the CPU")
     print(f"{'section':9s} {'pipeline':38s} {'config':14s} {'ops':>5s} {'us/call':>9s} {'p20-p80':>17s} "
@@ -311,7 +310,6 @@ def layer_op_counts() -> dict[str, int]:
         for method in ("klora", "est", "merge", "kl"):
             for log in (True, False):
                 h = accelerate_fusion(pipe, "subject", "style", method=method, log_gates=log)
-                h._started = True
                 hook_step(pipe, torch.tensor(500))
                 m(x)
                 counts[f"{method} log={log}"] = count_ops(lambda: m(x))

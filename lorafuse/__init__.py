@@ -13,11 +13,11 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "FusionFallbackWarning": "lorafuse.integrations", "FusionHandle": "lorafuse.integrations",
     "accelerate_fusion": "lorafuse.integrations", "remove_fusion": "lorafuse.integrations",
-    "fuse_module": "lorafuse.integrations.module", "fuse_modules": "lorafuse.integrations.module",
+    "fuse_module": "lorafuse.engine", "fuse_modules": "lorafuse.engine",
     "LoRAStats": "lorafuse.kernels", "PackedLoRA": "lorafuse.kernels", "fused_lora_forward": "lorafuse.kernels",
     "fused_lora_linear": "lorafuse.kernels",
 }
-_SUBPACKAGES = ("commands", "fusion", "guidance", "integrations", "kernels")
+_SUBPACKAGES = ("commands", "engine", "fusion", "guidance", "integrations", "kernels")
 
 __all__ = [
     "FusionFallbackWarning", "FusionHandle", "LoRAStats", "PackedLoRA", "accelerate_fusion", "fuse_module",

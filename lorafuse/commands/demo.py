@@ -36,8 +36,9 @@ import statistics
 import time
 from pathlib import Path
 
-from ._common import add_command, check_device_name, check_out_dir, check_positive, cpu_ticks, other_cpu_share, \
-    quiet_libraries, require, resolve_device
+from ..bench.load import cpu_ticks, other_cpu_share
+from ._common import add_command, check_device_name, check_out_dir, check_positive, quiet_libraries, require, \
+    resolve_device
 
 METHODS = ("merge", "klora", "est", "kl")
 SUBJECT, STYLE = "subject", "style"
@@ -148,7 +149,7 @@ def run_demo(
     import torch
 
     from .. import accelerate_fusion
-    from ..integrations.gate_plot import plot_gate_log
+    from ..engine.gate_plot import plot_gate_log
     from ..integrations.replay import GateReplay
     from ..integrations.step_timer import StepTimer
     from ..integrations.tiny import sd15_pipeline

@@ -161,7 +161,7 @@ def run(args: argparse.Namespace) -> dict:
     import torch
 
     from .. import accelerate_fusion
-    from ..integrations.gate_plot import plot_gate_log
+    from ..engine.gate_plot import plot_gate_log
     from ..integrations.lora_files import check_against_model
     from ..integrations.step_timer import StepTimer
     from .demo import gate_summary

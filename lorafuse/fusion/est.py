@@ -9,8 +9,8 @@ For layer l with dW_i = s_i B_i A_i:
     S(tau) = "s": alpha tau + D;  "s*": (alpha tau + D) mod alpha       (alpha 1.5)
     subject  iff  E_c / gamma > E_s S(tau)    (strict: ties go to style)
 
-D = 1 - cos(DINO(I_c), DINO(I_s)) of two probe images in the paper's code (the probe is outside this
-module). Default D = 0.5: K-LoRA's beta, the constant D replaces (EST's FLUX script uses 0.75).
+D = 1 - cos(DINO(I_c), DINO(I_s)) of two probe images in the paper's code (the probe, which needs a
+pipeline: :func:`lorafuse.guidance.style_discrepancy`). Default D = 0.5: K-LoRA's beta, the constant D replaces (EST's FLUX script uses 0.75).
 """
 
 from __future__ import annotations
@@ -38,15 +38,3 @@ class ESTLoRA(StaticSelectMethod):
             return e_c, e_s, e_c, e_s
         return e_c, e_s, lora_delta_l1(*subject, backend=self.stats_backend), lora_delta_l1(*style, backend=self.stats_backend)
 
-
-def style_discrepancy(pipe, prompt, subject, style, scorer, seed=0, **kwargs):
-    """EST-LoRA's D = 1 - cos(DINO(I_subject), DINO(I_style)) from two probe generations (one adapter
-    active each, through the fused path), cached per (LoRA pair, prompt, seed). Pass the result as
-    ``accelerate_fusion(pipe, subject, style, method="est", D=D)``.
-
-    Layering: fusion/ never imports diffusers; the probe needs a pipeline, so its implementation
-    lives in :func:`lorafuse.guidance.est.style_discrepancy` (see there for the options) and is
-    imported here lazily, at call time."""
-    from ..guidance.est import style_discrepancy as _impl
-
-    return _impl(pipe, prompt, subject, style, scorer, seed, **kwargs)

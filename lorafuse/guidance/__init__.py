@@ -7,7 +7,8 @@ discrepancy probe, with pluggable image scorers.
     handle = lorafuse.accelerate_fusion(pipe, "sbj", "sty", method="kl", guidance=cfg)   # or enable_guidance(pipe, cfg)
 
 transformers and diffusers are imported lazily (inside functions); importing this package needs
-only torch.
+torch and triton (it sits above :mod:`lorafuse.integrations`, whose ``register_guidance`` lets
+``accelerate_fusion(guidance=...)`` install a :class:`GuidanceConfig`).
 """
 
 from .config import GuidanceConfig, GuidanceError

@@ -22,7 +22,10 @@ from typing import Any
 
 import torch
 
+from ..integrations import accelerate_fusion, installed_fusion
+from ..integrations.discovery import DENOISER_NAMES
 from .config import GuidanceError
+from .hook import active_guidance
 from .scorers import check_embeddings, check_images
 
 _CACHE: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
@@ -41,9 +44,7 @@ class StyleProbe:
 
 
 def _denoisers(pipe):
-    from ..integrations.discovery import _DENOISER_NAMES
-
-    return [getattr(pipe, n) for n in _DENOISER_NAMES if isinstance(getattr(pipe, n, None), torch.nn.Module)]
+    return [getattr(pipe, n) for n in DENOISER_NAMES if isinstance(getattr(pipe, n, None), torch.nn.Module)]
 
 
 def _fingerprint(pipe, adapter: str) -> tuple:
@@ -89,12 +90,8 @@ def _scorer_ref(scorer):
 
 
 def _check_clear(pipe) -> None:
-    from ..integrations.diffusers import _HANDLE_ATTR
-    from .hook import active_guidance
-
     for d in _denoisers(pipe):
-        h = d.__dict__.get(_HANDLE_ATTR)
-        if h is not None and h.active:
+        if installed_fusion(d) is not None:
             raise GuidanceError("style_discrepancy: a lorafuse fusion is installed on this pipeline; compute D "
                                 "first (it installs its own probe handles), then call accelerate_fusion")
     if active_guidance(pipe) is not None:
@@ -109,8 +106,6 @@ def probe_images(pipe, prompt, subject: str, style: str, seed: int = 0, **pipe_k
     **pipe_kwargs)`` under ``accelerate_fusion(pipe, subject, style, method="subject"|"style")``;
     the handle is removed afterwards (also on error). A CPU generator makes the probe identical on
     any device."""
-    from ..integrations.diffusers import accelerate_fusion
-
     _check_clear(pipe)
     if "generator" in pipe_kwargs or "output_type" in pipe_kwargs:
         raise GuidanceError("style_discrepancy: the probe sets generator (from seed) and output_type itself")

@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..integrations import installed_fusion, register_guidance
 from .config import GuidanceConfig, GuidanceError
 from .refine import LatentRefiner, model_input_scale
 
@@ -239,10 +240,8 @@ class GuidanceHandle:
 def _fusion_suspended(denoiser):
     """While the denoiser runs again with autograd, a lorafuse fusion handle on it steps aside
     (:meth:`FusionHandle.suspended`: PEFT's forward, step counters and gate log untouched)."""
-    from ..integrations.diffusers import _HANDLE_ATTR
-
-    h = denoiser.__dict__.get(_HANDLE_ATTR)
-    if h is None or not h.active:
+    h = installed_fusion(denoiser)
+    if h is None:
         yield
         return
     with h.suspended():
@@ -279,3 +278,8 @@ def active_guidance(pipe) -> Optional[GuidanceHandle]:
             return h
         step = getattr(step, "__wrapped__", None)
     return None
+
+
+# accelerate_fusion(pipe, ..., guidance=GuidanceConfig(...)) installs through this (integrations sits
+# below guidance and never imports it)
+register_guidance(GuidanceConfig, enable_guidance)

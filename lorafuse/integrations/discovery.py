@@ -10,7 +10,8 @@ from __future__ import annotations
 from torch import nn
 
 
-_DENOISER_NAMES = ("unet", "transformer", "transformer_2", "prior", "decoder")
+# the pipeline attributes that may hold a denoiser (lorafuse.guidance reads them too)
+DENOISER_NAMES = ("unet", "transformer", "transformer_2", "prior", "decoder")
 
 
 def _peft_classes():
@@ -32,14 +33,14 @@ def _find_denoisers(pipe) -> list[tuple[str, nn.Module]]:
             "pipe.load_lora_weights(..., adapter_name=...) first"
         )
     found = []
-    for name in _DENOISER_NAMES:
+    for name in DENOISER_NAMES:
         mod = getattr(pipe, name, None)
         if isinstance(mod, nn.Module):
             found.append((name, mod))
     if not found:
         raise ValueError(
             f"accelerate_fusion: {type(pipe).__name__} has no supported denoiser (looked for the components "
-            f"{', '.join(_DENOISER_NAMES[:2])}); pass a diffusers pipeline with a UNet or a transformer"
+            f"{', '.join(DENOISER_NAMES[:2])}); pass a diffusers pipeline with a UNet or a transformer"
         )
     return found
 
@@ -91,3 +92,33 @@ def _execution_rank(path: str, denoiser: nn.Module) -> int:
     if type(denoiser).__name__.startswith("UNet"):
         return {"down_blocks": 1, "mid_block": 2, "up_blocks": 3, "conv_norm_out": 4, "conv_out": 4}.get(first, 0)
     return 0
+
+
+def plan_layers(denoisers, names: tuple[str, str]):
+    """What an installation of adapters ``names = (subject, style)`` patches in ``denoisers``
+    (``(component, module)`` pairs): ``(patched, unpatched)`` with ``patched`` the ``(component,
+    path, layer)`` of every linear LoRA layer holding both, in execution order, and ``unpatched``
+    the ``(component.path, layer, why)`` of the two adapters' other LoRA layers. ValueError when
+    nothing is common, or when the adapters are fused into the weights (``pipe.fuse_lora()``)."""
+    s, t = names
+    entries = []
+    for comp, d in denoisers:
+        d = _unwrap(d)  # compiled before accelerate_fusion: patch the compiled module's layers
+        for path, mod in _lora_layers(d, (s, t)):
+            entries.append((_execution_rank(path, d), len(entries), comp, path, mod))
+    if not entries:
+        raise ValueError(
+            f"accelerate_fusion: the adapters {s!r} and {t!r} target no common linear layer in "
+            f"{', '.join(c for c, _ in denoisers)}; nothing to fuse"
+        )
+    entries.sort(key=lambda e: (e[0], e[1]))
+    fused = [f"{comp}.{path}" for _, _, comp, path, mod in entries if set(mod.merged_adapters) & {s, t}]
+    if fused:
+        raise ValueError(
+            f"accelerate_fusion: the adapters are fused into the weights of {len(fused)} layers (first: {fused[0]}; "
+            "pipe.fuse_lora()): the method cannot select between them; call pipe.unfuse_lora() first"
+        )
+    patched = {id(e[4]) for e in entries}
+    unpatched = [(f"{comp}.{path}", mod, _why_unpatched(mod, s, t))
+                 for comp, d in denoisers for path, mod in _adapter_layers(_unwrap(d), (s, t)) if id(mod) not in patched]
+    return [(comp, path, mod) for _, _, comp, path, mod in entries], unpatched

@@ -5,9 +5,8 @@ import pytest
 import torch
 
 import lorafuse
-from lorafuse.fusion.est import style_discrepancy
 from lorafuse.guidance import (GuidanceError, clear_style_discrepancy_cache, enable_guidance, probe_images,
-                               style_discrepancy_cache_info)
+                               style_discrepancy, style_discrepancy_cache_info)
 
 KW = dict(num_inference_steps=2, height=32, width=32, guidance_scale=6.0)
 

@@ -18,8 +18,8 @@ pytest.importorskip("peft")
 from lorafuse.fusion import get_method  # noqa: E402
 from lorafuse.fusion.base import Decision, LayerLoRAs, Progress  # noqa: E402
 from lorafuse.integrations import accelerate_fusion  # noqa: E402
-from lorafuse.integrations import diffusers as dif  # noqa: E402
-from lorafuse.integrations.gate_log import GateLog  # noqa: E402
+from lorafuse.integrations import denoiser_hook as dif  # noqa: E402  (where the pre-hook reads _progress_of)
+from lorafuse.engine.gate_log import GateLog  # noqa: E402
 
 from .test_diffusers import close, make  # noqa: E402
 from .tiny import denoiser, peft_layers, run  # noqa: E402

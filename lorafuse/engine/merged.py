@@ -17,7 +17,7 @@ the layer's gates, PEFT's live scalings or the weights change. Where W_eff lives
   back, bit for bit. On CUDA the per-step rebuild reads the flip mask on the host (one sync per
   denoiser call) and copies the original back to the device for each flipped layer.
 
-Data flows integrations -> kernels: the merges are :func:`lorafuse.kernels.merge_lora_weight` and
+Data flows engine -> kernels: the merges are :func:`lorafuse.kernels.merge_lora_weight` and
 :func:`lorafuse.kernels.merge_flipped_weights`.
 """
 
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels._common import resolve_backend
 from ..kernels.merge_weight import MergeTable, merge_flipped_weights, merge_lora_weight
 from ..kernels.packing import PackedLoRA
 from .gate_log import memory_key
@@ -79,8 +80,6 @@ class MergedWeights:
         return st.valid and st.pack_key == pack_key and st.weight_key == _weight_key(weight)
 
     def _use_table(self, device: torch.device) -> bool:
-        from ..kernels._common import resolve_backend
-
         return self.mode == "scratch" and resolve_backend(self.backend, device, "merged weights") == "triton"
 
     def build(self, i: int, weight: torch.Tensor, loras, pack_key, row: torch.Tensor, gate_key) -> torch.Tensor:

@@ -1,5 +1,5 @@
-"""The gate log of an installation: every decision of every patched layer call, recorded on the
-device without host syncs and converted to Python only when read.
+"""The gate log of an installation (a diffusers pipeline or plain modules): every decision of every
+patched layer call, recorded on the device without host syncs and converted to Python only when read.
 
 Methods that decide once per denoiser call (:meth:`FusionMethod.step_decisions`: K-LoRA, EST, merge)
 are logged from one snapshot per call (fields not written since the last snapshot are shared, not

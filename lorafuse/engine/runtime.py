@@ -1,0 +1,252 @@
+"""The per-layer runtime shared by every integration: one :class:`FusionEngine` per installation.
+
+An installation is a :class:`~lorafuse.fusion.base.FusionMethod` prepared for L patched linear
+layers (W: N x K, bias b, two LoRAs each). The engine holds, besides the method,
+
+- L :class:`LayerSlot` records (what the engine knows of a layer: its index, name, path and the
+  state its last passed check left: merged or fused, the packed factors);
+- the merged weights (:class:`~lorafuse.engine.merged.MergedWeights`) of methods whose gates are
+  fixed within a denoiser call, ``W_eff = W + g_c s_c B_c A_c + g_s s_s B_s A_s``, and their flips;
+- the gate log (:class:`~lorafuse.engine.gate_log.GateLog`);
+- the current :class:`~lorafuse.engine.run.SamplingRun` (step, tau, recorder).
+
+Per denoiser call, :meth:`FusionEngine.begin_call`: ``method.begin_step(Progress(tau, step, ...))``,
+then the merged weights of the layers whose gates flipped are rebuilt, then the call's recorder.
+Per layer call, :meth:`FusionEngine.call` (after the integration's own checks passed and
+:meth:`FusionEngine.prepare_layer` put the layer on a path)::
+
+    merged:  y = F.linear(x, W_eff, b)                           (one op: the bare layer's cost)
+    fused:   y = method.layer_forward(l, x, W, b, packed)        (x (..., K) -> y (..., N))
+
+and the recorder notes layer l. What a call does when it cannot take either path (PEFT's state,
+offloading, autograd) is the integration's business: its fallbacks.
+
+The integrations subclass :class:`LayerSlot` (a plain ``nn.Linear`` in :mod:`.module`, a PEFT
+``lora.Linear`` in :mod:`lorafuse.integrations`). No diffusers, no PEFT here.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..fusion.base import FusionMethod, LayerLoRAs, Progress
+from ..kernels import PackedLoRA, fused_lora_linear
+from ..kernels._common import BACKENDS
+from .gate_log import GateLog
+from .merged import WEIGHT_MODES, MergedWeights
+from .run import SamplingRun
+
+__all__ = ["FusionEngine", "LayerSlot", "check_engine_options"]
+
+
+def check_engine_options(what: str, weights: str, backend: str) -> None:
+    """ValueError naming ``what`` (the caller) for an unknown ``weights`` mode or kernel ``backend``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"{what}: backend must be one of {BACKENDS}, got {backend!r}")
+    if weights not in WEIGHT_MODES:
+        raise ValueError(f"{what}: weights must be one of {WEIGHT_MODES}, got {weights!r}")
+
+
+class LayerSlot:
+    """One patched layer as the engine sees it. An integration subclasses it and implements
+    :meth:`merge_inputs`, :meth:`pack` and :meth:`base_weight` from its own layer type.
+
+    Attributes: ``index`` (the method's layer index), ``component`` and ``path`` (names for the gate
+    log), ``fp`` (the integration's fingerprint of the state its last full check passed in; None:
+    check the next call), ``merged`` (True: the layer runs on its merged weight), ``packed`` (the
+    fused path's :class:`~lorafuse.kernels.PackedLoRA` for the input dtype of that check)."""
+
+    __slots__ = ("index", "component", "path", "fp", "merged", "packed")
+
+    def __init__(self, index: int, component: str, path: str):
+        self.index = index
+        self.component = component
+        self.path = path
+        self.fp = None
+        self.merged = False
+        self.packed = None
+
+    def merge_inputs(self) -> tuple[torch.Tensor, list, Any]:
+        """``(W, [(A_c, B_c, s_c), (A_s, B_s, s_s)], key)`` as they are now; equal keys mean equal
+        factors and scalings (the merged weight built from them is still current)."""
+        raise NotImplementedError
+
+    def pack(self, x: torch.Tensor) -> PackedLoRA:
+        """The layer's two LoRAs packed for ``x``'s dtype and device (cached by the integration)."""
+        raise NotImplementedError
+
+    def base_weight(self) -> torch.Tensor | None:
+        """The weight tensor the layer's forward reads (where "inplace" writes W_eff)."""
+        raise NotImplementedError
+
+    def original_weight(self) -> torch.Tensor | None:
+        """Where "inplace" writes the original back on removal (default: :meth:`base_weight`)."""
+        return self.base_weight()
+
+
+class FusionEngine:
+    """The runtime of one installation (see the module docstring).
+
+    Args:
+        method: the :class:`FusionMethod` (prepared by :meth:`prepare`).
+        layers: the :class:`LayerSlot` list, in method layer-index order (may be filled after
+            construction, before :meth:`prepare`).
+        weights: "scratch", "inplace" or "off": where merged weights live (see
+            :mod:`lorafuse.engine.merged`); "off" and dynamic methods run the fused path.
+        backend: kernel backend ("auto", "torch", "triton").
+        log_gates: record every layer call's decision in :attr:`log`.
+    """
+
+    def __init__(self, method: FusionMethod, layers: list[LayerSlot], *, weights: str = "scratch",
+                 backend: str = "auto", log_gates: bool = True):
+        self.method = method
+        self.layers = layers
+        self.weights = weights
+        self.backend = backend
+        self.log_gates = bool(log_gates)
+        self.log = GateLog(method, layers)
+        self.merged: MergedWeights | None = None
+        self.host_gates = False  # merged path whose gates the host knows per layer call (official tau)
+        self.run: SamplingRun | None = None
+        self.calls = 0  # denoiser calls counted since installation (the gate log's "call")
+        self.started = False  # a counted denoiser call began (a bool: compiled graphs guard on it)
+        self.fallbacks: dict[str, int] = {}  # reason -> layer calls that left the merged / fused path
+
+    # ---------------- installation ----------------
+    def prepare(self, loras: Sequence[LayerLoRAs], device: torch.device | None) -> None:
+        """Give the method every layer's two LoRAs as they are now and set up the merged weights
+        (again after a hotswap: the previous merged weights are released first)."""
+        for rec in self.layers:
+            rec.fp, rec.packed = None, None
+        self.method.prepare(loras, device)
+        self.release()
+        if (self.weights != "off" and not self.method.dynamic
+                and type(self.method).layer_gates is not FusionMethod.layer_gates):
+            self.merged = MergedWeights(len(self.layers), self.weights, self.backend)
+            self.host_gates = self.method.step_decisions() is None  # official tau: per-call host gates
+
+    @property
+    def path(self) -> str:
+        """The layers' path: "merged" (one F.linear on W_eff per call) or "fused" (the fused kernel)."""
+        return "merged" if self.merged is not None else "fused"
+
+    def release(self, weights: Sequence[torch.Tensor | None] | None = None) -> None:
+        """Drop the merged weights; "inplace" first writes every original back, into ``weights[l]``
+        (default: each layer's :meth:`LayerSlot.base_weight`). The fused path takes over."""
+        if self.merged is None:
+            return
+        if weights is None:
+            weights = [rec.base_weight() for rec in self.layers]
+        self.merged.release(list(weights))
+        self.merged = None
+        for rec in self.layers:
+            rec.fp = None
+
+    # ---------------- per sampling run / denoiser call ----------------
+    def start_run(self, marker: Any = None) -> SamplingRun:
+        """A new sampling run: the method forgets its per-run state; the run counts from step 0."""
+        self.method.reset()
+        self.run = SamplingRun(marker)
+        return self.run
+
+    def begin_call(self, tau, *, step: int | None = None, num_steps: int | None = None, timestep=None,
+                   t0=None, count: bool = True) -> SamplingRun:
+        """Start a denoiser call of the current run at progress ``tau`` (``step``: the call's index in
+        the run, default the run's count). The method updates its gates (``begin_step``), the merged
+        weights of the layers whose gates flipped are rebuilt, and the call gets a recorder.
+        ``count=False``: only set the gates (no recorder, the run and :attr:`calls` do not advance).
+        ``timestep`` goes to the method, ``t0`` (the first sample's value) to the gate log."""
+        run = self.run if self.run is not None else self.start_run()
+        step = run.step if step is None else int(step)
+        self.method.begin_step(Progress(tau=tau, step=step, num_steps=num_steps, timestep=timestep))
+        if self.merged is not None and not self.host_gates:  # rebuild the layers whose gates flipped
+            self.merged.step(self.method.step_decisions().gates)
+        if not count:
+            return run
+        run.tau, run.timestep, run.num_steps = tau, t0, num_steps
+        run.record = self.log.begin_call(self.calls, t0, tau) if self.log_gates else None
+        run.step = step + 1
+        self.calls += 1
+        self.started = True
+        return run
+
+    # ---------------- per layer call ----------------
+    def prepare_layer(self, rec: LayerSlot, x: torch.Tensor) -> None:
+        """After the integration's full check passed: put layer ``rec`` on the merged path (building
+        its weight now, unless its gates are host-side and the call builds it) or pack its LoRAs for
+        the fused path at ``x``'s dtype."""
+        merged = self.merged
+        if merged is None:
+            rec.merged = False
+            rec.packed = rec.pack(x)
+            return
+        rec.merged = True
+        weight, loras, key = rec.merge_inputs()
+        if merged.current(rec.index, weight, key):
+            return
+        if self.host_gates:
+            merged.restore(rec.index, weight)  # the call builds it with its own gates
+        else:  # device-side gates: build now with this step's row
+            merged.build(rec.index, weight, loras, key, self.method.step_decisions().gates[rec.index], None)
+
+    def call(self, rec: LayerSlot, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """One layer call on the path :meth:`prepare_layer` chose; ``weight`` and ``bias`` are the
+        layer's live parameters (the fused path reads ``weight``; the merged path reads W_eff)."""
+        index = rec.index
+        if rec.merged:
+            merged = self.merged
+            if self.host_gates:  # official tau: this call's gates are known on the host
+                row, key = self.method.layer_gates(index)
+                if key is None:  # a method with neither step_decisions() nor host keys: fused path
+                    return self._unmergeable(rec, x, weight, bias, row)
+                if key != merged.layers[index].gate_key:
+                    w, loras, pack_key = rec.merge_inputs()
+                    merged.build(index, w, loras, pack_key, row, key)
+            y = F.linear(x, merged.layers[index].dst, bias)
+        else:
+            y = self.method.layer_forward(index, x, weight, bias, rec.packed, backend=self.backend)
+        record = self.run.record
+        if record is not None:
+            record(index)
+        return y
+
+    def record(self, index: int) -> None:
+        """Note layer ``index``'s decision of this call in the gate log (an integration's fallback
+        that applied the method's gates itself)."""
+        record = self.run.record if self.run is not None else None
+        if record is not None:
+            record(index)
+
+    def _unmergeable(self, rec: LayerSlot, x, weight, bias, row):
+        """The method gave a device-only gates row but no per-step gates: merging cannot follow it.
+        Run this call on the fused path with that row and every later call through the method."""
+        self.release()
+        y = fused_lora_linear(x, weight, bias, rec.pack(x), gates=row, backend=self.backend)
+        self.record(rec.index)
+        return y
+
+    def hand_back(self, rec: LayerSlot, weight: torch.Tensor | None = None) -> None:
+        """Before other code reads the layer's weight (the integration's fallback, a merge into it):
+        "inplace" writes the original back into ``weight`` (default: :meth:`LayerSlot.original_weight`);
+        the layer's next call checks and merges again."""
+        rec.fp = None
+        if self.merged is not None and self.merged.mode == "inplace":
+            self.merged.restore(rec.index, rec.original_weight() if weight is None else weight)
+
+    def count_fallback(self, reason: str) -> None:
+        self.fallbacks[reason] = self.fallbacks.get(reason, 0) + 1
+
+    # ---------------- reading ----------------
+    def summary(self) -> dict[str, Any]:
+        """``method``, ``layers``, ``path`` ("merged" / "fused"), ``weights`` (the merged weights'
+        mode, None on the fused path), ``fallback_calls`` (reason -> layer calls that left it)."""
+        return {
+            "method": getattr(self.method, "name", type(self.method).__name__),
+            "layers": len(self.layers),
+            "path": self.path,
+            "weights": self.weights if self.merged is not None else None,
+            "fallback_calls": dict(self.fallbacks),
+        }

@@ -1,0 +1,136 @@
+"""The ``coverage`` policy: what the two adapters' LoRA layers that the kernels do not patch compute
+(conv LoRAs: SD1.5's 1x1 ``proj_in``/``proj_out``, kohya LoCon; layers only one adapter targets).
+
+``coverage="peft"``: left as they are, PEFT's sum of the active adapters (what plain loading gives).
+``coverage="none"``: neither adapter acts there, PEFT's forward with no adapter active (the base
+layer), as in the official K-LoRA code, which applies no LoRA outside the attention linears it
+patches. ``coverage="method"`` (default): the method's rule, through PEFT's own forward of the layer
+(exact for DoRA):
+
+- constant gates (merge, subject, style): PEFT with each adapter's scaling times its weight, as
+  ``set_adapters([subject, style], [w_c, w_s])`` does on every layer;
+- klora / est (static selection), conv layers with both adapters: the layer's own scores from its
+  flattened deltas (A (r, C_in kh kw), B (C_out, r) when B is 1x1), the installed gamma and this
+  step's S(tau): one adapter per step, as on the patched layers;
+- kl, conv layers with both adapters: the per-sample KL rule on the layer's PEFT outputs, output
+  channels as the softmax axis and every pixel a token;
+- a layer only one adapter targets, under a selecting method (klora, est, kl): the rule with the
+  absent adapter's delta 0 selects the present one (kl: unless its KL is exactly 0, a delta that
+  shifts every channel equally), i.e. PEFT's forward as it is;
+- anything else (a method with no rule outside its prepared layers, a conv B that is not 1x1, a
+  layer another hook already wraps): PEFT's sum, reported as such.
+
+These layers are not in the gate log (it is indexed by the method's layers). Their klora / est
+scores are computed at install, and again after a hotswap (:meth:`Coverage.rescore`).
+"""
+
+from __future__ import annotations
+
+import weakref
+
+from ..fusion import ConstantGates, FusionMethod
+from ..fusion._common import StaticSelectMethod
+from .peft_state import _diffusers_slot, _flat_conv_lora
+from .replay import _decide_and_select, peft_adapter_outputs, peft_forward_with_gates, select_per_sample
+
+COVERAGES = ("method", "peft", "none")  # accelerate_fusion(coverage=...)
+
+
+class Coverage:
+    """The covered layers of one installation: ``covered`` (layer, the forward we set),
+    ``rule_paths`` (layers that follow the method's rule), ``none_paths`` (layers run with no
+    adapter) and ``scores`` (path -> (conv layer, klora / est scores))."""
+
+    def __init__(self, policy: str):
+        self.policy = policy
+        self.covered: list = []
+        self.rule_paths: set[str] = set()
+        self.none_paths: set[str] = set()
+        self.scores: dict = {}
+
+    def apply(self, h, uncovered, hook_slots: list) -> None:
+        """Set the policy's forward on each ``(path, layer)`` of ``uncovered`` for installation ``h``;
+        slots taken in diffusers' hook chains go to ``hook_slots`` (see the module docstring)."""
+        s, t = h.subject, h.style
+        method = h.method
+        selecting = isinstance(method, StaticSelectMethod) or hasattr(method, "decide_from_outputs")
+        for path, m in uncovered:
+            if self.policy == "peft":
+                continue
+            both = s in m.lora_A and t in m.lora_A
+            rule = None
+            if self.policy == "none":
+                rule = ("gates", (0.0, 0.0))
+            elif isinstance(method, ConstantGates):
+                rule = ("gates", tuple(method._weights))
+            elif not both and selecting:
+                self.rule_paths.add(path)  # the present adapter acts: PEFT's forward as it is
+                continue
+            elif both and isinstance(method, StaticSelectMethod):
+                scores = conv_scores(method, m, (s, t))
+                if scores is not None:
+                    self.scores[path] = (m, scores)
+                    rule = ("static", path)
+            elif both and hasattr(method, "decide_from_outputs"):
+                rule = ("dynamic", None)
+            if rule is None:
+                continue
+            fwd = self._make_forward(h, m, rule)
+            if "forward" not in m.__dict__:
+                m.forward = fwd
+            else:
+                slot = _diffusers_slot(m)
+                if slot is None:
+                    continue  # another hook owns the layer's forward: PEFT's sum
+                ref, attr = slot
+                hook_slots.append((ref, attr, getattr(ref, attr), fwd))
+                setattr(ref, attr, fwd)
+            self.covered.append((m, fwd))
+            (self.none_paths if self.policy == "none" else self.rule_paths).add(path)
+
+    def rescore(self, method: FusionMethod, names: tuple[str, str]) -> None:
+        """After a reload of an adapter (hotswap): the covered conv layers' scores from the new factors."""
+        for path, (m, old) in list(self.scores.items()):
+            scores = conv_scores(method, m, names)
+            self.scores[path] = (m, old if scores is None else scores)
+
+    def remove(self) -> None:
+        for m, fwd in self.covered:
+            if m.__dict__.get("forward") is fwd:
+                del m.__dict__["forward"]
+        self.covered.clear()
+
+    def _make_forward(self, h, m, rule):
+        """The forward of an unpatched LoRA layer under ``coverage="method"`` / ``"none"``. Outside a
+        denoiser call, with extra forward arguments, or when the user's PEFT state decides (adapters
+        disabled, merged, another set of adapters active): PEFT's forward as it is."""
+        ref = weakref.ref(h)
+        cls_forward = type(m).forward
+        kind, data = rule
+        scores = self.scores
+
+        def forward(x, *args, **kwargs):
+            h = ref()
+            if (h is None or h._removed or h._suspended or not h.engine.started or args or kwargs
+                    or m.disable_adapters or m.merged):
+                return cls_forward(m, x, *args, **kwargs)
+            names = (h.subject, h.style)
+            held = [a for a in names if a in m.lora_A]
+            if sorted(a for a in m.active_adapters if a in m.lora_A) != sorted(held):
+                return cls_forward(m, x, *args, **kwargs)
+            if kind == "gates":
+                return peft_forward_with_gates(m, x, data, names)
+            if kind == "dynamic":
+                return _decide_and_select(h.method, m, x, names, None, (), {})
+            gates = h.method.extra_gates(*scores[data][1])
+            _, ys, _ = peft_adapter_outputs(m, x, names)
+            return select_per_sample(gates.reshape(1, 2).to(ys[0].device), ys)
+
+        return forward
+
+
+def conv_scores(method, m, names: tuple[str, str]):
+    """klora / est's (score_c, score_s) of conv LoRA layer ``m`` from its flattened deltas, as they
+    are now; None when a B is not a 1x1 kernel."""
+    pair = [_flat_conv_lora(m, a) for a in names]
+    return None if None in pair else method.layer_scores(*pair)

@@ -1,0 +1,101 @@
+"""The forward a patched PEFT ``lora.Linear`` gets: one layer call, from PEFT's state to the engine.
+
+    forward(x):
+        removed / suspended                      -> PEFT's own forward (suspended: originals back first)
+        traced by torch.compile                  -> the fused path (merged weights handed back once)
+        fingerprint changed since the last check -> full check (peft_layer.fallback_reason):
+            a reason                             -> fallbacks.fallback_forward
+            none                                 -> engine.prepare_layer (merged or packed)
+        engine.call: F.linear(x, W_eff, b) or method.layer_forward(l, x, W, b, packed); gate log
+
+It is set as the layer's instance ``forward``, or innermost in diffusers' hook chain when diffusers'
+hooks wrap the layer (``enable_layerwise_casting``; see ``peft_state._diffusers_slot``).
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from .fallbacks import fallback_forward
+from .peft_layer import USERS_CHOICE, PeftLayer, fallback_reason
+
+
+@torch._dynamo.disable
+def _pack_eager(rec: PeftLayer, x):
+    return rec.pack(x)
+
+
+@torch._dynamo.disable
+def _fallback_eager(h, rec: PeftLayer, reason, x, args, kwargs):
+    """A fallback inside a compiled graph (DoRA, offload, layerwise casting, ...): run eagerly, as
+    outside one, so the result stays the method's (one graph break per such layer call)."""
+    h._hand_back(rec)
+    return fallback_forward(h, rec, reason, x, args, kwargs)
+
+
+@torch._dynamo.disable
+def _leave_merged(h):
+    """A compiled graph runs the fused path on the original weights: give every layer its original
+    back (in place mode) and stop merging for this installation."""
+    h.engine.release()
+
+
+def make_layer_forward(h, rec: PeftLayer):
+    """The instance forward of patched layer ``rec`` of installation ``h`` (held weakly)."""
+    ref = weakref.ref(h)
+    engine = h.engine
+    m = rec.module
+    cls_forward = type(m).forward
+    index = rec.index
+    params = rec.base._parameters if rec.base is not None else {}
+
+    def forward(x, *args, **kwargs):
+        h = ref()
+        if h is None or h._removed:
+            return cls_forward(m, x, *args, **kwargs)
+        if h._suspended:
+            h._hand_back(rec)
+            return cls_forward(m, x, *args, **kwargs)
+        if torch.compiler.is_compiling():  # traced: no host bookkeeping, no graph breaks
+            if engine.merged is not None:
+                _leave_merged(h)  # one graph break, once: compiled graphs run the fused path
+            reason = fallback_reason(rec, x, args, kwargs, engine.started)
+            if reason is not None:
+                if reason in USERS_CHOICE:  # PEFT's own forward is the result: traced as is
+                    return cls_forward(m, x, *args, **kwargs)
+                return _fallback_eager(h, rec, reason, x, args, kwargs)  # the method's result
+            packed = rec.compiled_pack(x)
+            if packed is None:
+                packed = _pack_eager(rec, x)
+            base = m.get_base_layer()
+            return h.method.layer_forward(index, x, base.weight, base.bias, packed, backend=h.backend)
+        fp = rec.fingerprint(x) if not (args or kwargs) else None
+        if fp is None or fp != rec.fp:  # something changed since the last full check: check again
+            reason = fallback_reason(rec, x, args, kwargs, engine.started)
+            if reason is not None:
+                h._hand_back(rec)
+                return fallback_forward(h, rec, reason, x, args, kwargs)
+            rec.check_stale()
+            engine.prepare_layer(rec, x)
+            rec.fp = fp
+        return engine.call(rec, x, params["weight"], params.get("bias"))
+
+    return forward
+
+
+def make_merge_guard(h, rec: PeftLayer):
+    """``m.merge`` for "inplace" mode: PEFT's ``merge()`` (``fuse_lora``) adds its deltas to the
+    original weight, not to W_eff, so the original goes back first."""
+    ref = weakref.ref(h)
+    m = rec.module
+    cls_merge = type(m).merge
+
+    def merge(*args, **kwargs):
+        h = ref()
+        if h is not None and not h._removed:
+            h._hand_back(rec)
+        return cls_merge(m, *args, **kwargs)
+
+    return merge
