@@ -272,6 +272,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cleanup", action="store_true", help="delete each stack's venv after its checks")
     ap.add_argument("--jobs", type=int, default=1,
                     help="stacks run at once (each check then on one thread: OMP_NUM_THREADS=1); default 1")
+    ap.add_argument("--ci-checks", action="store_true", help="run the named stacks' checks as `ci` does")
     ap.add_argument("--list", action="store_true", help="list the stacks and exit")
     args = ap.parse_args(argv)
     if args.list or not args.stacks:
@@ -279,8 +280,11 @@ def main(argv=None) -> int:
             print(f"{name:16s} {s.what}: {' '.join(s.pip)} -> {', '.join(s.checks)}"
                   + (f" (ci: {', '.join(s.ci_checks)})" if s.ci_checks else ""))
         return 0
-    jobs = [(n, STACKS[n].ci_checks or STACKS[n].checks) if a == "ci" else (a, STACKS[a].checks if a in STACKS else ())
-            for a in args.stacks for n in (CI if a == "ci" else (a,))]
+    def checks(name: str, as_ci: bool) -> tuple[str, ...]:
+        stack = STACKS.get(name)
+        return () if stack is None else (stack.ci_checks or stack.checks) if as_ci else stack.checks
+
+    jobs = [(n, checks(n, a == "ci" or args.ci_checks)) for a in args.stacks for n in (CI if a == "ci" else (a,))]
     unknown = [n for n, _ in jobs if n not in STACKS]
     if unknown:
         ap.error(f"unknown stack(s) {', '.join(unknown)}; known: {', '.join(STACKS)}, ci")

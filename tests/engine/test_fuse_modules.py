@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from benchmarks.launches import count_launches
 from lorafuse.engine import ModuleFusion, SamplingRun, fuse_modules
 from lorafuse.fusion import METHODS
 
@@ -21,22 +21,9 @@ OPTIONS = {"klora": {}, "est": {}, "kl": {}, "merge": {"subject_weight": 0.7, "s
            "subject": {}, "style": {}}
 
 
-class OpCounter(TorchDispatchMode):
-    """Counts the aten ops dispatched inside the context."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops += 1
-        return func(*args, **(kwargs or {}))
-
-
 def count_ops(fn) -> int:
-    with OpCounter() as counter:
-        fn()
-    return counter.ops
+    """aten ops dispatched by ``fn()`` (each at least one kernel launch on a GPU)."""
+    return count_launches(fn).ops
 
 
 def stack(n=5, seed=3):
