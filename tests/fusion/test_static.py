@@ -120,12 +120,16 @@ def test_official_mode_needs_num_steps():
 
 
 class _CountOps(TorchDispatchMode):
+    """The ops that compute (views are left out: they launch nothing, and how many an indexing
+    expression dispatches changes between torch releases, e.g. ``g[:, 0]`` is slice + select on 2.8)."""
+
     def __init__(self):
         super().__init__()
         self.ops = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(func)
+        if not func.is_view:
+            self.ops.append(func)
         return func(*args, **(kwargs or {}))
 
 
@@ -153,7 +157,7 @@ def test_step_path_never_reads_device_values(name, monkeypatch):
         counts.append(len(c.ops))
         torch.testing.assert_close(y.double().cpu(), formula64(x, W, b, [layer.subject, layer.style], d.gates[0]),
                                    rtol=1e-4, atol=1e-4)
-    assert counts[0] == counts[1] and counts[0] <= 13, counts
+    assert counts[0] == counts[1] and counts[0] <= 10, counts
 
 
 @pytest.mark.parametrize("name", ["klora", "est"])
