@@ -1,11 +1,12 @@
 """`lorafuse bench` works from an installed wheel, not only from a checkout: build a wheel from the
-package sources, install it into a fresh virtual environment (the system's torch, triton and numpy
-through --system-site-packages; the wheel with --no-deps) and run `lorafuse bench --quick` there,
-outside the repository."""
+package sources, install it into a fresh virtual environment (the running environment's torch, triton
+and numpy through --system-site-packages and a .pth file; the wheel with --no-deps) and run
+`lorafuse bench --quick` there, outside the repository."""
 
 from __future__ import annotations
 
 import shutil
+import site
 import subprocess
 import sys
 from pathlib import Path
@@ -35,6 +36,11 @@ def test_bench_runs_from_an_installed_wheel(tmp_path):
     _run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", venv], tmp_path)
     bindir = venv / ("Scripts" if sys.platform == "win32" else "bin")
     python = bindir / "python"
+    # --system-site-packages reaches the base interpreter's packages only; when this test itself runs in
+    # a venv (the stack checks), its torch / triton / numpy live there: list them after the new venv's own
+    purelib = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+    venv_site = Path(_run([python, "-c", purelib], tmp_path).strip())
+    (venv_site / "_test_host_env.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     _run([sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "-q", wheel], tmp_path)
     work = tmp_path / "work"  # not the checkout: nothing of the repository is importable from here
     work.mkdir()
