@@ -31,6 +31,7 @@ from .tiny import (  # noqa: E402
     sd3_pipeline,
     sd15_pipeline,
     sdxl_pipeline,
+    sequential_offload,
     to_kohya,
 )
 
@@ -322,11 +323,11 @@ def test_fallback_dora_matches_peft():
 
 
 def test_fallback_sequential_offload_meta_weights():
-    accelerate = pytest.importorskip("accelerate")
+    pytest.importorskip("accelerate")
     pipe = make("sd15")
     pipe.set_adapters(["sbj", "sty"])
     ref = run(pipe, "sd15")
-    accelerate.cpu_offload(pipe.unet, execution_device=torch.device("cpu"))
+    sequential_offload(pipe)
     assert peft_layers(pipe.unet)[0][1].base_layer.weight.is_meta
     method = SwitchDouble()
     h = accelerate_fusion(pipe, "sbj", "sty", method, backend="torch")

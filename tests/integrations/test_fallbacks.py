@@ -24,7 +24,7 @@ pytest.importorskip("peft")
 from lorafuse.integrations import FusionFallbackWarning, accelerate_fusion  # noqa: E402
 
 from .reference import GateReplay  # noqa: E402
-from .tiny import lora_state_dict, needs, run, sd15_pipeline  # noqa: E402
+from .tiny import lora_state_dict, needs, run, sd15_pipeline, sequential_offload  # noqa: E402
 
 
 def close(a, b, atol=2e-5):
@@ -68,7 +68,7 @@ def mixed_pair(dora=False):
 
 
 def test_kl_fallback_keeps_the_decision_offload_and_dora():
-    accelerate = pytest.importorskip("accelerate")
+    pytest.importorskip("accelerate")
     pipe = mixed_pair()
     pipe.set_adapters(["sbj", "sty"])
     peft_sum = run(pipe, "sd15", 1)
@@ -77,7 +77,7 @@ def test_kl_fallback_keeps_the_decision_offload_and_dora():
     fused_log = h.gate_log
     h.remove()
     # sequential offload (weights on meta): every call falls back, the decisions stay the fused path's
-    accelerate.cpu_offload(pipe.unet, execution_device=torch.device("cpu"))
+    sequential_offload(pipe)
     h = accelerate_fusion(pipe, "sbj", "sty", "kl", backend="torch")
     out, msgs = quiet_run(pipe, 1)
     log = h.gate_log

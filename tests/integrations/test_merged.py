@@ -17,7 +17,7 @@ from lorafuse.integrations import accelerate_fusion  # noqa: E402
 
 from .doubles import SwitchDouble  # noqa: E402
 from .test_diffusers import close, make, replay  # noqa: E402
-from .tiny import denoiser, needs, peft_layers, run  # noqa: E402
+from .tiny import denoiser, needs, peft_layers, run, sequential_offload  # noqa: E402
 
 MODES = ["scratch", "inplace"]
 
@@ -299,8 +299,8 @@ def test_fallbacks_keep_the_methods_result(case):
     pipe.set_adapters(["sbj", "sty"])
     peft_sum = run(pipe, "sd15", steps=3)
     if case == "offload":
-        accelerate = pytest.importorskip("accelerate")
-        accelerate.cpu_offload(pipe.unet, execution_device=torch.device("cpu"))
+        pytest.importorskip("accelerate")
+        sequential_offload(pipe)
     h = accelerate_fusion(pipe, "sbj", "sty", "klora", backend="torch", pattern="s*")
     with pytest.warns(UserWarning, match="with the method's gates"):
         out = run(pipe, "sd15", steps=3)

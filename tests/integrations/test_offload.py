@@ -18,7 +18,7 @@ pytest.importorskip("peft")
 from lorafuse.integrations import accelerate_fusion  # noqa: E402
 
 from .test_diffusers import close, make  # noqa: E402
-from .tiny import needs, run  # noqa: E402
+from .tiny import needs, run, sequential_offload  # noqa: E402
 
 MODES = ["scratch", "inplace", "off"]
 STEPS = 2
@@ -85,8 +85,6 @@ def test_inplace_weights_are_handed_back_before_offloading_copies_them(how, refe
     (the disk file, accelerate's weights_map): the originals are written back first (pipeline and
     denoiser enable_* methods), or into accelerate's copy on the first fallback (accelerate.cpu_offload
     called directly), so the next image and the pipeline after remove() are right."""
-    import accelerate
-
     plain, fused = reference
     pipe = make("sd15")
     h = accelerate_fusion(pipe, "sbj", "sty", weights="inplace", **KLORA)
@@ -101,7 +99,7 @@ def test_inplace_weights_are_handed_back_before_offloading_copies_them(how, refe
     elif how == "model offload":
         pipe.enable_model_cpu_offload(device="cpu")
     else:
-        accelerate.cpu_offload(pipe.unet, execution_device=CPU)
+        sequential_offload(pipe)
     out = run(pipe, "sd15", STEPS)
     h.remove()
     assert not watched & (set(vars(pipe)) | set(vars(pipe.unet)))

@@ -70,3 +70,18 @@ def needs(feature: str):
 
     why = missing_diffusers_feature(feature)
     return pytest.mark.skipif(why is not None, reason=why or "")
+
+
+def sequential_offload(pipe) -> None:
+    """accelerate's sequential offload of ``pipe.unet`` on the CPU (its weights on "meta", moved in per
+    submodule call), as ``enable_sequential_cpu_offload`` does on an accelerator. The pipeline's other
+    modules get an execution-device hook too: diffusers < 0.33 takes ``pipe.device`` from an unordered
+    set of component names (PYTHONHASHSEED-dependent), and an offloaded unet first gives "meta"."""
+    from accelerate import cpu_offload
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+    cpu = torch.device("cpu")
+    cpu_offload(pipe.unet, execution_device=cpu)
+    for name, module in pipe.components.items():
+        if isinstance(module, torch.nn.Module) and module is not pipe.unet and not hasattr(module, "_hf_hook"):
+            add_hook_to_module(module, AlignDevicesHook(execution_device=cpu, io_same_device=True))
