@@ -1,6 +1,7 @@
 """Every decision is in the gate log (issue 21): replaying the log through PEFT's own forward
 (:class:`GateReplay`) gives the fused image for every coverage policy and family, conv LoRA layers
-(SD1.5's 1x1 proj_in / proj_out) and layers only one adapter targets included."""
+(SD1.5's 1x1 proj_in / proj_out, kohya LoCon's 3x3 resnet convs) and layers only one adapter
+targets included."""
 
 from __future__ import annotations
 
@@ -14,7 +15,18 @@ from lorafuse.integrations import accelerate_fusion  # noqa: E402
 
 from .reference import GateReplay  # noqa: E402
 from .test_fallbacks import conv_pair  # noqa: E402
-from .tiny import FLUX_TARGETS, MMDIT_TARGETS, denoiser, flux_pipeline, lora_state_dict, run, sd3_pipeline, sdxl_pipeline  # noqa: E402,E501
+from .tiny import (  # noqa: E402
+    FLUX_TARGETS,
+    MMDIT_TARGETS,
+    denoiser,
+    flux_pipeline,
+    lora_state_dict,
+    run,
+    sd3_pipeline,
+    sd15_pipeline,
+    sdxl_pipeline,
+    to_kohya,
+)
 
 # fp32 on the CPU; the tolerance scales with the values compared (the latents' magnitude)
 ATOL, RTOL = {torch.float32: (2e-5, 1e-4)}[torch.float32]
@@ -37,9 +49,32 @@ def single_style(build, targets, style_skips):
     return make
 
 
+def locon_pair():
+    """SD1.5 with two kohya LoCon files: attention linears, the resnets' 3x3 conv1 / conv2 and the
+    1x1 proj_in / proj_out (lora_down (r, C_in, kh, kw), lora_up (C_out, r, 1, 1), alpha = rank)."""
+    from torch import nn
+
+    pipe = sd15_pipeline()
+    files = {}
+    for name, seed, r, scale in (("sbj", 1, 4, 0.1), ("sty", 2, 8, 0.08)):  # both before loading either
+        sd = files[name] = to_kohya(lora_state_dict(pipe.unet, "unet", r, seed=seed, scale=scale), alpha=r)
+        g = torch.Generator().manual_seed(10 + seed)
+        for path, mod in pipe.unet.named_modules():
+            if isinstance(mod, nn.Conv2d) and ("resnets" in path and path.endswith(("conv1", "conv2"))
+                                               or path.endswith(("proj_in", "proj_out"))):
+                base = "lora_unet_" + path.replace(".", "_")
+                sd[f"{base}.lora_down.weight"] = torch.randn(r, mod.in_channels, *mod.kernel_size, generator=g) * scale
+                sd[f"{base}.lora_up.weight"] = torch.randn(mod.out_channels, r, 1, 1, generator=g) * scale
+                sd[f"{base}.alpha"] = torch.tensor(float(r))
+    for name, sd in files.items():
+        pipe.load_lora_weights(sd, adapter_name=name)
+    return pipe
+
+
 ATTN = ("to_q", "to_k", "to_v", "to_out.0")
 PIPES = {  # case: (builder, family for run())
     "sd15-conv": (conv_pair, "sd15"),
+    "sd15-locon": (locon_pair, "sd15"),
     "sdxl": (single_style(sdxl_pipeline, ATTN, ("to_out.0",)), "sdxl"),
     "sd3": (single_style(sd3_pipeline, MMDIT_TARGETS, ("to_out.0",)), "sd3"),
     "flux": (single_style(flux_pipeline, FLUX_TARGETS, ("to_out.0", "proj_mlp")), "flux"),
