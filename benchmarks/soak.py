@@ -1,7 +1,9 @@
 """Soak: what an installation holds over many generations, and over many install / generate /
 remove cycles (issue 21): host RSS after ``gc.collect()``, the live torch tensors of the process and
 the gate log's size, sampled every few generations, with their growth (second half minus first half
-of the samples, and the least-squares slope per 100 generations or cycles).
+of the samples, and the least-squares slope per 100 generations or cycles). RSS is also given after
+glibc's ``malloc_trim``: heap pages the allocator keeps after they were freed (fragmentation, e.g.
+over kl install cycles) count in the first, not in the second.
 
     python -m benchmarks.soak --generations 3000 --cycles 1000 [--method kl] [--log-gates all]
 
@@ -13,6 +15,7 @@ generations, 100 cycles) and fails on growth.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import os
 import time
@@ -33,18 +36,32 @@ def rss_mib() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
+def trimmed_rss_mib() -> float | None:
+    """RSS after glibc's ``malloc_trim(0)`` returned the freed heap pages it keeps (None off glibc):
+    what the process still uses, without the allocator's retained free memory."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+    libc.malloc_trim(0)
+    return rss_mib()
+
+
 def live_tensors() -> int:
     """torch.Tensor objects the garbage collector tracks (parameters and buffers included)."""
     return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
 
 
 def sample(done: int, h=None) -> dict:
-    """One row after ``gc.collect()``: ``done`` (generations or cycles so far), RSS, live tensors,
-    the gate log's entries and held denoiser calls (reading it converts what it holds)."""
-    gc.collect()
+    """One row after ``gc.collect()``: ``done`` (generations or cycles so far), RSS (then RSS after
+    ``malloc_trim``), live tensors, the gate log's entries and held denoiser calls (reading it
+    converts what it holds)."""
     log = h.gate_log if h is not None else []
     calls = h.summary()["gate_log"]["calls"] if h is not None else 0
-    return {"done": done, "rss_mib": rss_mib(), "tensors": live_tensors(), "log_entries": len(log), "log_calls": calls}
+    gc.collect()
+    rss = rss_mib()
+    return {"done": done, "rss_mib": rss, "rss_trimmed_mib": trimmed_rss_mib() or rss, "tensors": live_tensors(),
+            "log_entries": len(log), "log_calls": calls}
 
 
 def tiny_pipeline():
@@ -109,7 +126,7 @@ def growth(rows: list[dict], key: str) -> dict:
     return {"first": ys[0], "last": ys[-1], "half": sum(ys[len(ys) - h:]) / h - sum(ys[:h]) / h, "per_100": 100 * slope}
 
 
-KEYS = ("rss_mib", "tensors", "log_entries", "log_calls")
+KEYS = ("rss_mib", "rss_trimmed_mib", "tensors", "log_entries", "log_calls")
 
 
 def report(name: str, rows: list[dict], seconds: float) -> dict:
@@ -117,7 +134,7 @@ def report(name: str, rows: list[dict], seconds: float) -> dict:
     out = {k: growth(rows, k) for k in KEYS}
     print(f"{name}: {rows[-1]['done']} in {seconds:.1f} s")
     for k, g in out.items():
-        print(f"  {k:12s} first {g['first']:10.2f}  last {g['last']:10.2f}  second half - first half {g['half']:+9.3f}"
+        print(f"  {k:15s} first {g['first']:10.2f}  last {g['last']:10.2f}  second half - first half {g['half']:+9.3f}"
               f"  slope per 100 {g['per_100']:+9.3f}")
     return out
 
