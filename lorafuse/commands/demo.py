@@ -198,7 +198,7 @@ def run_demo(
             info = None
             if first:
                 info = {"log": list(handle.gate_log), "layers": handle.num_layers, "names": list(handle.layer_names),
-                        "fallbacks": dict(handle.fallbacks)}
+                        "fallbacks": dict(handle.fallbacks), "covered_by": handle.summary()["covered_by"]}
         finally:
             handle.remove()
         return latents, times, info
@@ -252,6 +252,7 @@ def run_demo(
             "max_abs_diff": (latents.float() - ref_latents.float()).abs().max().item(),
             "reference": reference,
             "layers_fused": info["layers"],
+            "covered_by": info["covered_by"],
             "fallback_calls": sum(info["fallbacks"].values()),
             "fallback_reasons": info["fallbacks"],
             "gates": _summary_text(method, summary),
@@ -330,6 +331,10 @@ def print_report(report: dict, out: Path) -> None:
     line("LoRA disabled", off, "  (no LoRA at all: the floor for any method)")
     for r in report["methods"]:
         line(r["method"], r, f" {r['max_abs_diff']:17.2e} {r['layers_fused']:6d} {r['fallback_calls']:9d}  {r['gates']}")
+    for r in report["methods"]:
+        kinds = ", ".join(f"{n} {kind}" for kind, n in r["covered_by"].items())
+        logged = "" if "PEFT's sum" in r["covered_by"] else " (every decision in the gate log)"
+        print(f"{r['method']}: LoRA layers by what computes them: {kinds}{logged}")
     noise = report["noise_floor"]
     print(f"noise floor: two identical PEFT rows differ by {100 * noise:.0f}%; differences smaller than that, or "
           "inside overlapping p20-p80 spreads, are not measured differences")

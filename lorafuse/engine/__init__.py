@@ -4,18 +4,18 @@ and :func:`lorafuse.accelerate_fusion` (diffusers + PEFT). Needs neither diffuse
     runtime.py   FusionEngine: per layer call merged / fused path, per denoiser call the method's step
     run.py       SamplingRun: one sampling run's state (step, tau, the call's gate-log recorder)
     merged.py    MergedWeights: W_eff = W + g_c dW_c + g_s dW_s per layer, rebuilt at flips
-    gate_log.py  GateLog: every decision, recorded on the device, read as dicts
+    gate_log.py  GateLog: the decisions (last run by default), recorded on the device, read as dicts
     gate_plot.py the layers x steps heatmap of a gate log
     module.py    fuse_module / fuse_modules / ModuleFusion on plain nn.Linear layers
 """
 
-from .gate_log import GateLog
+from .gate_log import GateLog, JsonLinesSink, check_log_options
 from .merged import WEIGHT_MODES, MergedWeights
 from .module import LoRATriple, ModuleFusion, fuse_module, fuse_modules
 from .run import SamplingRun
 from .runtime import FusionEngine, LayerSlot, check_engine_options
 
 __all__ = [
-    "WEIGHT_MODES", "FusionEngine", "GateLog", "LayerSlot", "LoRATriple", "MergedWeights", "ModuleFusion",
-    "SamplingRun", "check_engine_options", "fuse_module", "fuse_modules",
+    "WEIGHT_MODES", "FusionEngine", "GateLog", "JsonLinesSink", "LayerSlot", "LoRATriple", "MergedWeights", "ModuleFusion",
+    "SamplingRun", "check_engine_options", "check_log_options", "fuse_module", "fuse_modules",
 ]

@@ -1,5 +1,14 @@
-"""The gate log of an installation (a diffusers pipeline or plain modules): every decision of every
-patched layer call, recorded on the device without host syncs and converted to Python only when read.
+"""The gate log of an installation (a diffusers pipeline or plain modules): the decisions of the
+patched layer calls (and of the layers an integration drives by the method's rule outside them,
+:meth:`GateLog.record`), recorded on the device without host syncs and converted to Python only when
+read (or, with a sink, when a denoiser call ends).
+
+What it keeps (``log_gates``, :func:`check_log_options`): the last sampling run (default: a new run
+drops the previous run's records, so a service's memory stays flat), everything (``"all"``), the last
+N denoiser calls (an int) or nothing (``False``). A sink (``gate_log_sink``: a callable taking a list
+of entries, or a path that gets one JSON line per entry appended) receives every record once, when
+its denoiser call ends (at the next denoiser call or run, a read, :meth:`GateLog.close`), whatever
+the log keeps.
 
 Methods that decide once per denoiser call (:meth:`FusionMethod.step_decisions`: K-LoRA, EST, merge)
 are logged from one snapshot per call (fields not written since the last snapshot are shared, not
@@ -12,22 +21,78 @@ when read).
 from __future__ import annotations
 
 import functools
-from typing import Any
+import json
+import os
+from typing import Any, Callable
 
 import torch
 
 from ..fusion.base import Decision
 
 
-class GateLog:
-    """Records of ``method``'s decisions for the patched ``layers`` (objects with ``path`` and
-    ``component``; the list may be filled after construction). :meth:`entries` gives one dict per
-    (layer, layer call inside a denoiser call)."""
+LOG_KEEPS = ("run", "all")  # log_gates= besides True / False and an int N
 
-    def __init__(self, method, layers: list):
+
+class JsonLinesSink:
+    """A gate-log sink that appends each entry to ``path`` as one JSON line (the file is opened per
+    denoiser call, so it can be read or rotated while the pipeline runs)."""
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = os.fspath(path)
+
+    def __call__(self, entries: list[dict]) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.writelines(json.dumps(e) + "\n" for e in entries)
+
+    def __repr__(self) -> str:
+        return f"JsonLinesSink({self.path!r})"
+
+
+def check_log_options(what: str, log_gates, sink) -> tuple[str | int | None, Callable[[list[dict]], None] | None]:
+    """``(keep, sink)`` from ``log_gates`` (True: "run", the last sampling run; "all"; an int N >= 1:
+    the last N denoiser calls; False: nothing) and ``sink`` (None, a callable taking a list of
+    entries, or a str / PathLike: JSON lines appended); ValueError / TypeError naming ``what``."""
+    if log_gates is True or log_gates is False:
+        keep = "run" if log_gates else None
+    elif isinstance(log_gates, str):
+        if log_gates not in LOG_KEEPS:
+            raise ValueError(f"{what}: log_gates must be True, False, one of {LOG_KEEPS} or a number of denoiser "
+                             f"calls >= 1, got {log_gates!r}")
+        keep = log_gates
+    elif isinstance(log_gates, int):
+        if log_gates < 1:
+            raise ValueError(f"{what}: log_gates as a number of denoiser calls must be >= 1, got {log_gates}")
+        keep = int(log_gates)
+    else:
+        raise TypeError(f"{what}: log_gates must be a bool, one of {LOG_KEEPS} or an int, got {type(log_gates).__name__}")
+    if sink is None or callable(sink):
+        return keep, sink
+    if isinstance(sink, (str, os.PathLike)):
+        return keep, JsonLinesSink(sink)
+    raise TypeError(f"{what}: gate_log_sink must be a callable taking a list of entries or a file path, got "
+                    f"{type(sink).__name__}")
+
+
+def describe_keep(keep) -> str:
+    """What a ``keep`` of :func:`check_log_options` means, in words (for ``summary()``)."""
+    if keep is None:
+        return "nothing"
+    return {"run": "the last sampling run", "all": "everything"}.get(keep, f"the last {keep} denoiser calls")
+
+
+class GateLog:
+    """Records of ``method``'s decisions for the logged ``layers`` (objects with ``path`` and
+    ``component``; the list may be filled after construction). :meth:`entries` gives one dict per
+    (layer, layer call inside a denoiser call). ``keep`` and ``sink`` as :func:`check_log_options`
+    returns them (see the module docstring)."""
+
+    def __init__(self, method, layers: list, keep: str | int | None = "run", sink=None):
         self.method = method
         self.layers = layers
-        self._call_info: dict[int, tuple[Any, Any]] = {}  # call -> (timestep (0-d), tau)
+        self.keep = keep
+        self.sink = sink
+        self._call_info: dict[int, tuple[Any, Any]] = {}  # call -> (timestep (0-d), tau), of the calls held
+        self._call = None  # the open denoiser call
         self._raw_log: list[tuple] = []  # (layer, call, gates, stats, tau) of the current call, device tensors
         # methods that decide once per step (StaticSelectMethod, ConstantGates): the current call's
         # (call, snapshot of every layer's Decision, [layers recorded]); None for the other methods
@@ -41,8 +106,12 @@ class GateLog:
         return its recorder, ``add(layer_index)``. For a per-step method (its decisions are fixed
         once :meth:`~lorafuse.fusion.base.FusionMethod.begin_step` ran) the call's snapshot is taken
         now and ``add`` is the bound ``append`` of the call's index list: the cheapest thing a layer
-        call can do. Otherwise ``add`` keeps each layer call's own Decision (:meth:`_record_raw`)."""
-        self._compact()
+        call can do. Otherwise ``add`` keeps each layer call's own Decision (:meth:`_record_raw`).
+        The previous call's records go to the sink; with ``keep`` N, calls before the last N go."""
+        self._end_call()
+        if isinstance(self.keep, int):
+            self._drop_before(call - self.keep + 1)
+        self._call = call
         self._call_info[call] = (timestep, tau)
         d = self.method.step_decisions()
         if d is None:
@@ -57,20 +126,88 @@ class GateLog:
         d = _clone_decision(self.method.last_decision(index))
         self._raw_log.append((index, call, d.gates, d.stats, d.tau))
 
+    def record(self, index: int, gates, stats: dict | None = None) -> None:
+        """Layer ``index`` (a logged layer the method does not decide for, e.g. a covered conv LoRA
+        layer) applied ``gates`` ((2,) or per sample (G, 2), a tensor that is not written later) in
+        the open denoiser call."""
+        if self._call is not None:
+            self._raw_log.append((index, self._call, gates, stats or {}, None))
+
+    def new_run(self) -> None:
+        """A new sampling run starts: the previous call's records go to the sink; ``keep="run"``
+        drops the previous run's records."""
+        self._end_call()
+        self._call = None
+        if self.keep == "run":
+            self._drop_before(None)
+
     def entries(self) -> list[dict]:
-        """The log as dicts (converted lazily; the same list grows with later calls)."""
+        """The log as dicts (converted lazily; the same list grows with later calls of the calls
+        kept). Records converted here also go to the sink."""
         if self._raw_log or (self._step is not None and self._step[2]) or self._batches:
+            start = len(self._log)
             self._flush()
+            self._to_sink(start)
         return self._log
 
     def clear(self) -> None:
-        self._raw_log.clear()
-        if self._step is not None:
-            self._step[2].clear()  # the open call's recorder keeps working
+        """Drop every record (those not yet in the sink go there first); the open call keeps logging."""
+        if self.sink is not None:
+            self.entries()
+        info = self._call_info.get(self._call)
+        self._drop_before(None)
         self._clones.clear()
-        self._batches.clear()
-        self._log.clear()
+        if info is not None:
+            self._call_info[self._call] = info
+
+    def close(self) -> None:
+        """The installation is removed: every record is converted (the sink gets the rest) and no
+        device tensor is kept; :meth:`entries` still reads what ``keep`` held."""
+        self.entries()
+        self._call = None
+        self._step = None
+        self._clones.clear()
         self._call_info.clear()
+
+    def held_calls(self) -> int:
+        """The denoiser calls whose records the log holds (or will convert)."""
+        return len(self._call_info) if self.keep is not None else 0
+
+    def _end_call(self) -> None:
+        """Close the open call; with a sink, its records are converted and sent now."""
+        self._compact()
+        if self.sink is not None and self._batches:
+            start = len(self._log)
+            self._flush()
+            self._to_sink(start)
+        if self.keep is None:  # a sink only: nothing held
+            self._batches.clear()
+            self._log.clear()
+            self._call_info.clear()
+
+    def _to_sink(self, start: int) -> None:
+        if self.sink is not None and len(self._log) > start:
+            self.sink(self._log[start:])
+            if self.keep is None:
+                self._log.clear()
+
+    def _drop_before(self, call: int | None) -> None:
+        """Drop the records of the denoiser calls before ``call`` (None: all, the open call's included)."""
+        if call is None:
+            self._batches.clear()
+            self._log.clear()
+            self._call_info.clear()
+            self._raw_log.clear()
+            if self._step is not None:
+                self._step[2].clear()
+            return
+        self._batches = [b for b in self._batches if (b[0] if len(b) == 3 else b[1][0]) >= call]
+        i = 0
+        while i < len(self._log) and self._log[i]["call"] < call:
+            i += 1
+        del self._log[:i]
+        for c in [c for c in self._call_info if c < call]:
+            del self._call_info[c]
 
     def _snapshot(self, d):
         """A copy of a step's decisions that later steps cannot change. A field whose tensor was not
@@ -173,7 +310,11 @@ class GateLog:
                     "tau": _to_py(tau),
                     "subject": subj,
                     "style": sty,
+                    "kind": getattr(rec, "kind", "linear"),
                 }
+                coverage = getattr(rec, "coverage", None)
+                if coverage is not None:
+                    entry["coverage"] = coverage
                 if tau_rows[j] is not None:
                     entry["method_tau"] = tau_rows[j]
                 for k, v in stat_rows.items():

@@ -21,7 +21,7 @@ For several layers that share one method (K-LoRA's gamma is global), use :func:`
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -29,6 +29,7 @@ from torch import nn
 from ..fusion import Decision, LayerLoRAs, get_method
 from ..fusion.base import FusionMethod
 from ..kernels import PackedLoRA
+from .gate_log import check_log_options
 from .gate_plot import plot_gate_log
 from .run import SamplingRun
 from .runtime import FusionEngine, LayerSlot, check_engine_options
@@ -77,6 +78,8 @@ class _LinearSlot(LayerSlot):
         if packed is None:
             with torch.no_grad():
                 packed = PackedLoRA.pack([self.lora.subject, self.lora.style], dtype=x.dtype, device=x.device)
+            if len(self.packs) >= 4:  # bounded: the oldest (dtype, device) goes
+                self.packs.pop(next(iter(self.packs)))
             self.packs[(x.dtype, x.device)] = packed
         return packed
 
@@ -110,14 +113,15 @@ class ModuleFusion:
     weights: str
 
     def __init__(self, modules: Sequence[nn.Linear], method: FusionMethod, layers: Sequence[LayerLoRAs],
-                 backend: str, weights: str = "scratch", log_gates: bool = True):
+                 backend: str, weights: str = "scratch", log_gates: bool | str | int = True, gate_log_sink=None):
         self.modules = list(modules)
         self.method = method
         self.backend = backend
         self.weights = weights
         self._slots = [_LinearSlot(i, m, layer, weights == "scratch")
                        for i, (m, layer) in enumerate(zip(self.modules, layers))]
-        self.engine = FusionEngine(method, list(self._slots), weights=weights, backend=backend, log_gates=log_gates)
+        self.engine = FusionEngine(method, list(self._slots), weights=weights, backend=backend, log_gates=log_gates,
+                                   gate_log_sink=gate_log_sink)
         self.engine.prepare(list(layers), self.modules[0].weight.device)
         self.engine.start_run()
         if getattr(method, "tau_mode", None) != "official":  # official mode needs num_steps: step() gives it
@@ -171,7 +175,8 @@ class ModuleFusion:
         self.engine.begin_call(tau, step=step, num_steps=num_steps)
 
     def new_run(self) -> None:
-        """Start a new sampling run: the method forgets its per-run state, steps count from 0."""
+        """Start a new sampling run: the method forgets its per-run state, steps count from 0, and
+        the gate log (by default) drops the previous run's records."""
         self.engine.start_run()
 
     @property
@@ -188,7 +193,8 @@ class ModuleFusion:
     def gate_log(self) -> list[dict[str, Any]]:
         """One dict per (module, module call after a :meth:`step`): ``layer`` (its name),
         ``layer_index``, ``call`` (steps since fusing, from 0), ``tau``, ``subject`` / ``style``
-        gates and the method's statistics, as :attr:`lorafuse.FusionHandle.gate_log`."""
+        gates and the method's statistics, as :attr:`lorafuse.FusionHandle.gate_log`; of the
+        current run only unless ``log_gates`` said otherwise (a run: since :meth:`new_run`)."""
         return self.engine.log.entries()
 
     def clear_gate_log(self) -> None:
@@ -207,7 +213,8 @@ class ModuleFusion:
     def summary(self) -> dict[str, Any]:
         """``method``, ``layers``, ``path`` ("merged": one ``F.linear`` on the merged weight per call;
         "fused": the fused kernel), ``weights`` (the merged weights' mode, None on the fused path)
-        and ``fallback_calls`` (reason -> calls that left the merged path for the fused one)."""
+        ``fallback_calls`` (reason -> calls that left the merged path for the fused one) and
+        ``gate_log`` (what the log keeps, the denoiser calls it holds, its sink)."""
         return self.engine.summary()
 
     # ---------------- undo ----------------
@@ -217,6 +224,7 @@ class ModuleFusion:
         if not self._removed:
             self._removed = True
             self.engine.release()
+            self.engine.close()
         for rec in self._slots:
             if rec.module.__dict__.get("forward") is rec.forward:
                 del rec.module.__dict__["forward"]
@@ -244,12 +252,14 @@ def fuse_modules(
     backend: str = "auto",
     names: Sequence[str] | None = None,
     weights: str = "scratch",
-    log_gates: bool = True,
+    log_gates: bool | str | int = True,
+    gate_log_sink: Callable[[list[dict]], None] | str | os.PathLike[str] | None = None,
     **options: Any,
 ) -> ModuleFusion:
     """Patch several ``nn.Linear`` layers that share one fusion method (see :func:`fuse_module`);
     ``names`` label them in the gate log (default ``module0``, ``module1``, ...)."""
     check_engine_options("fuse_module", weights, backend)
+    check_log_options("fuse_module", log_gates, gate_log_sink)
     modules = [_check_linear(m, i) for i, m in enumerate(modules)]
     subjects, styles = list(subjects), list(styles)
     if not (len(modules) == len(subjects) == len(styles)) or not modules:
@@ -280,7 +290,7 @@ def fuse_modules(
                     f"fuse_module: {layer.name} {role} LoRA is ({B.shape[0]} x {A.shape[-1]}) but the linear is "
                     f"({module.out_features} x {module.in_features})"
                 )
-    return ModuleFusion(modules, get_method(method, **options), layers, backend, weights, log_gates)
+    return ModuleFusion(modules, get_method(method, **options), layers, backend, weights, log_gates, gate_log_sink)
 
 
 def fuse_module(
@@ -291,7 +301,8 @@ def fuse_module(
     *,
     backend: str = "auto",
     weights: str = "scratch",
-    log_gates: bool = True,
+    log_gates: bool | str | int = True,
+    gate_log_sink: Callable[[list[dict]], None] | str | os.PathLike[str] | None = None,
     **options: Any,
 ) -> ModuleFusion:
     """Patch one ``nn.Linear`` with a subject and a style LoRA ``(A (r, in), B (out, r), scale)``.
@@ -300,8 +311,12 @@ def fuse_module(
     :func:`lorafuse.accelerate_fusion`: where the merged weight of a method whose gates are fixed
     within a step lives, "scratch" (default; a copy, W untouched), "inplace" (written into W, the
     original kept in host memory and written back by ``remove()``) or "off" (the fused low-rank
-    path on every call). ``log_gates``: record every call's decision in ``gate_log``.
+    path on every call). ``log_gates``: what ``gate_log`` keeps of the calls' decisions: True
+    (default) the current sampling run (the calls since the last :meth:`ModuleFusion.new_run`: call
+    it once per generation to keep memory flat), "all" everything, an int N the last N steps, False
+    nothing. ``gate_log_sink``: a callable taking a list of entries, or a file path (one JSON line
+    per entry appended), that gets every record when its step ends (also with ``log_gates=False``).
     Returns a :class:`ModuleFusion`.
     """
     return fuse_modules([module], [subject], [style], method, backend=backend, weights=weights,
-                        log_gates=log_gates, **options)
+                        log_gates=log_gates, gate_log_sink=gate_log_sink, **options)

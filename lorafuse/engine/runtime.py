@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from ..fusion.base import FusionMethod, LayerLoRAs, Progress
 from ..kernels import PackedLoRA, fused_lora_linear
 from ..kernels._common import BACKENDS
-from .gate_log import GateLog
+from .gate_log import GateLog, check_log_options, describe_keep
 from .merged import WEIGHT_MODES, MergedWeights
 from .run import SamplingRun
 
@@ -55,11 +55,12 @@ class LayerSlot:
     :meth:`merge_inputs`, :meth:`pack` and :meth:`base_weight` from its own layer type.
 
     Attributes: ``index`` (the method's layer index), ``component`` and ``path`` (names for the gate
-    log), ``fp`` (the integration's fingerprint of the state its last full check passed in; None:
+    log, whose entries say ``kind`` "linear" for these layers), ``fp`` (the integration's fingerprint of the state its last full check passed in; None:
     check the next call), ``merged`` (True: the layer runs on its merged weight), ``packed`` (the
     fused path's :class:`~lorafuse.kernels.PackedLoRA` for the input dtype of that check)."""
 
     __slots__ = ("index", "component", "path", "fp", "merged", "packed")
+    kind = "linear"
 
     def __init__(self, index: int, component: str, path: str):
         self.index = index
@@ -97,17 +98,26 @@ class FusionEngine:
         weights: "scratch", "inplace" or "off": where merged weights live (see
             :mod:`lorafuse.engine.merged`); "off" and dynamic methods run the fused path.
         backend: kernel backend ("auto", "torch", "triton").
-        log_gates: record every layer call's decision in :attr:`log`.
+        log_gates: what :attr:`log` keeps of the layer calls' decisions: True (the last sampling
+            run), "all", an int N (the last N denoiser calls) or False (nothing); see
+            :func:`~lorafuse.engine.gate_log.check_log_options`.
+        gate_log_sink: a callable taking a list of gate-log entries, or a file path (JSON lines
+            appended), that gets every record when its denoiser call ends (also with
+            ``log_gates=False``).
+        log_layers: the layers the log names (default ``layers``; an integration appends layers
+            the method does not decide for, see :meth:`record_decision`).
     """
 
     def __init__(self, method: FusionMethod, layers: list[LayerSlot], *, weights: str = "scratch",
-                 backend: str = "auto", log_gates: bool = True):
+                 backend: str = "auto", log_gates: bool | str | int = True, gate_log_sink=None,
+                 log_layers: list | None = None):
         self.method = method
         self.layers = layers
         self.weights = weights
         self.backend = backend
-        self.log_gates = bool(log_gates)
-        self.log = GateLog(method, layers)
+        keep, sink = check_log_options("FusionEngine", log_gates, gate_log_sink)
+        self.log_gates = keep is not None or sink is not None  # records are made
+        self.log = GateLog(method, layers if log_layers is None else log_layers, keep, sink)
         self.merged: MergedWeights | None = None
         self.host_gates = False  # merged path whose gates the host knows per layer call (official tau)
         self.run: SamplingRun | None = None
@@ -149,6 +159,8 @@ class FusionEngine:
     def start_run(self, marker: Any = None) -> SamplingRun:
         """A new sampling run: the method forgets its per-run state; the run counts from step 0."""
         self.method.reset()
+        if self.log_gates:
+            self.log.new_run()
         self.run = SamplingRun(marker)
         return self.run
 
@@ -220,6 +232,17 @@ class FusionEngine:
         if record is not None:
             record(index)
 
+    def record_decision(self, index: int, gates: torch.Tensor, stats: dict | None = None) -> None:
+        """Note the ``gates`` a logged layer the method does not decide for (log index ``index``,
+        past the method's layers) applied in this call; ``gates`` is not written afterwards."""
+        if self.run is not None and self.run.record is not None:
+            self.log.record(index, gates, stats)
+
+    def close(self) -> None:
+        """The installation is removed: the gate log converted (no device tensor kept, the sink
+        gets the rest)."""
+        self.log.close()
+
     def _unmergeable(self, rec: LayerSlot, x, weight, bias, row):
         """The method gave a device-only gates row but no per-step gates: merging cannot follow it.
         Run this call on the fused path with that row and every later call through the method."""
@@ -242,11 +265,16 @@ class FusionEngine:
     # ---------------- reading ----------------
     def summary(self) -> dict[str, Any]:
         """``method``, ``layers``, ``path`` ("merged" / "fused"), ``weights`` (the merged weights'
-        mode, None on the fused path), ``fallback_calls`` (reason -> layer calls that left it)."""
+        mode, None on the fused path), ``fallback_calls`` (reason -> layer calls that left it) and
+        ``gate_log`` (``keeps``: what the log keeps, in words; ``calls``: denoiser calls held now;
+        ``sink``: where records stream to, or None)."""
+        log = self.log
         return {
             "method": getattr(self.method, "name", type(self.method).__name__),
             "layers": len(self.layers),
             "path": self.path,
             "weights": self.weights if self.merged is not None else None,
             "fallback_calls": dict(self.fallbacks),
+            "gate_log": {"keeps": describe_keep(log.keep), "calls": log.held_calls(),
+                         "sink": repr(log.sink) if log.sink is not None else None},
         }

@@ -20,13 +20,18 @@ patches. ``coverage="method"`` (default): the method's rule, through PEFT's own 
 - anything else (a method with no rule outside its prepared layers, a conv B that is not 1x1, a
   layer another hook already wraps): PEFT's sum, reported as such.
 
-These layers are not in the gate log (it is indexed by the method's layers). Their klora / est
-scores are computed at install, and again after a hotswap (:meth:`Coverage.rescore`).
+Every layer that follows a rule or runs with no adapter is in the gate log (:class:`LoggedLayer`,
+indexed after the method's layers: ``kind`` "conv" or "single-adapter", ``coverage`` the policy):
+the gates it applied per denoiser call ((2,), or per sample for kl), so that
+:class:`~lorafuse.integrations.replay.GateReplay` reproduces the image. Their klora / est scores are
+computed at install, and again after a hotswap (:meth:`Coverage.rescore`).
 """
 
 from __future__ import annotations
 
 import weakref
+
+import torch
 
 from ..fusion import ConstantGates, FusionMethod
 from ..fusion._common import StaticSelectMethod
@@ -36,10 +41,24 @@ from .replay import _decide_and_select, peft_adapter_outputs, peft_forward_with_
 COVERAGES = ("method", "peft", "none")  # accelerate_fusion(coverage=...)
 
 
+class LoggedLayer:
+    """A covered layer as the gate log names it: ``component``, ``path`` (inside the denoiser),
+    ``kind`` ("conv" or "single-adapter") and ``coverage`` (the policy that drives it)."""
+
+    __slots__ = ("component", "path", "kind", "coverage")
+
+    def __init__(self, name: str, kind: str, coverage: str):
+        self.component, _, self.path = name.partition(".")
+        self.kind = kind
+        self.coverage = coverage
+
+
 class Coverage:
     """The covered layers of one installation: ``covered`` (layer, the forward we set),
     ``rule_paths`` (layers that follow the method's rule), ``none_paths`` (layers run with no
-    adapter) and ``scores`` (path -> (conv layer, klora / est scores))."""
+    adapter), ``scores`` (path -> (conv layer, klora / est scores)) and ``logged`` (the
+    :class:`LoggedLayer` of each layer with a forward of ours, in gate-log index order after the
+    method's layers)."""
 
     def __init__(self, policy: str):
         self.policy = policy
@@ -47,6 +66,7 @@ class Coverage:
         self.rule_paths: set[str] = set()
         self.none_paths: set[str] = set()
         self.scores: dict = {}
+        self.logged: list[LoggedLayer] = []
 
     def apply(self, h, uncovered, hook_slots: list) -> None:
         """Set the policy's forward on each ``(path, layer)`` of ``uncovered`` for installation ``h``;
@@ -63,9 +83,8 @@ class Coverage:
                 rule = ("gates", (0.0, 0.0))
             elif isinstance(method, ConstantGates):
                 rule = ("gates", tuple(method._weights))
-            elif not both and selecting:
-                self.rule_paths.add(path)  # the present adapter acts: PEFT's forward as it is
-                continue
+            elif not both and selecting:  # the present adapter acts: PEFT's forward as it is
+                rule = ("single", (1.0, 0.0) if s in m.lora_A else (0.0, 1.0))
             elif both and isinstance(method, StaticSelectMethod):
                 scores = conv_scores(method, m, (s, t))
                 if scores is not None:
@@ -75,17 +94,21 @@ class Coverage:
                 rule = ("dynamic", None)
             if rule is None:
                 continue
-            fwd = self._make_forward(h, m, rule)
+            index = len(h.engine.layers) + len(self.logged)
+            fwd = self._make_forward(h, m, rule, index)
             if "forward" not in m.__dict__:
                 m.forward = fwd
             else:
                 slot = _diffusers_slot(m)
-                if slot is None:
-                    continue  # another hook owns the layer's forward: PEFT's sum
+                if slot is None:  # another hook owns the layer's forward: PEFT's sum
+                    if rule[0] == "single":
+                        self.rule_paths.add(path)  # which is the rule there (not logged)
+                    continue
                 ref, attr = slot
                 hook_slots.append((ref, attr, getattr(ref, attr), fwd))
                 setattr(ref, attr, fwd)
             self.covered.append((m, fwd))
+            self.logged.append(LoggedLayer(path, "single-adapter" if not both else "conv", self.policy))
             (self.none_paths if self.policy == "none" else self.rule_paths).add(path)
 
     def rescore(self, method: FusionMethod, names: tuple[str, str]) -> None:
@@ -100,14 +123,17 @@ class Coverage:
                 del m.__dict__["forward"]
         self.covered.clear()
 
-    def _make_forward(self, h, m, rule):
-        """The forward of an unpatched LoRA layer under ``coverage="method"`` / ``"none"``. Outside a
-        denoiser call, with extra forward arguments, or when the user's PEFT state decides (adapters
-        disabled, merged, another set of adapters active): PEFT's forward as it is."""
+    def _make_forward(self, h, m, rule, index: int):
+        """The forward of an unpatched LoRA layer under ``coverage="method"`` / ``"none"``, logged as
+        gate-log layer ``index``. Outside a denoiser call, with extra forward arguments, or when the
+        user's PEFT state decides (adapters disabled, merged, another set of adapters active): PEFT's
+        forward as it is, not logged."""
         ref = weakref.ref(h)
         cls_forward = type(m).forward
         kind, data = rule
         scores = self.scores
+        fixed = torch.tensor(data, dtype=torch.float32) if kind in ("gates", "single") else None
+        per_sample = bool(getattr(h.method, "dynamic", False))  # the log's gates per sample, as kl's layers
 
         def forward(x, *args, **kwargs):
             h = ref()
@@ -118,11 +144,19 @@ class Coverage:
             held = [a for a in names if a in m.lora_A]
             if sorted(a for a in m.active_adapters if a in m.lora_A) != sorted(held):
                 return cls_forward(m, x, *args, **kwargs)
-            if kind == "gates":
-                return peft_forward_with_gates(m, x, data, names)
+            engine = h.engine
+            if kind == "gates" or kind == "single":
+                y = peft_forward_with_gates(m, x, data, names) if kind == "gates" else cls_forward(m, x)
+                engine.record_decision(index, fixed.expand(x.shape[0], 2) if per_sample else fixed)
+                return y
             if kind == "dynamic":
-                return _decide_and_select(h.method, m, x, names, None, (), {})
-            gates = h.method.extra_gates(*scores[data][1])
+                y, gates, D = _decide_and_select(h.method, m, x, names, None, (), {})
+                if gates is not None:
+                    engine.record_decision(index, gates, {"kl": D})
+                return y
+            score_c, score_s = scores[data][1]
+            gates = h.method.extra_gates(score_c, score_s)
+            engine.record_decision(index, gates, {"subject_score": score_c, "style_score": score_s})
             _, ys, _ = peft_adapter_outputs(m, x, names)
             return select_per_sample(gates.reshape(1, 2).to(ys[0].device), ys)
 

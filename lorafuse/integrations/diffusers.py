@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from typing import Any, Callable
 
 from torch import nn
 
-from ..engine import check_engine_options
+from ..engine import check_engine_options, check_log_options
 from ..fusion import FusionMethod, get_method
 from .coverage import COVERAGES
 from .discovery import _find_denoisers, _unwrap
@@ -72,7 +73,8 @@ def accelerate_fusion(
     method: str | FusionMethod = "klora",
     *,
     backend: str = "auto",
-    log_gates: bool = True,
+    log_gates: bool | str | int = True,
+    gate_log_sink: Callable[[list[dict]], None] | str | os.PathLike[str] | None = None,
     timestep_divisor: float | None = None,
     guidance: Any = None,
     weights: str = "scratch",
@@ -89,8 +91,14 @@ def accelerate_fusion(
         method: "klora", "est", "kl", "merge" (see :func:`lorafuse.fusion.get_method`) or a
             :class:`~lorafuse.fusion.base.FusionMethod` instance.
         backend: kernel backend for the method ("auto", "torch", "triton").
-        log_gates: record every decision in :attr:`FusionHandle.gate_log` (small device copies per
-            layer call, converted when read).
+        log_gates: what :attr:`FusionHandle.gate_log` keeps of the decisions (small device copies
+            per layer call, converted when read): True (default) the last sampling run (a new
+            ``pipe(...)`` call drops the previous one's records: memory stays flat in a service),
+            "all" everything since installation, an int N the last N denoiser calls, False nothing.
+        gate_log_sink: stream every record out as well: a callable that gets a list of gate-log
+            entries per denoiser call, or a file path that gets one JSON line per entry appended.
+            A call's records go out when it ends (at the next denoiser call, the next read of
+            ``gate_log``, ``remove()``); with ``log_gates=False`` nothing is held in memory.
         timestep_divisor: override what the denoiser's ``timestep`` is divided by to get the noise
             level (default: scheduler ``num_train_timesteps``; 1 for FLUX, whose pipeline passes t/1000).
         guidance: a :class:`lorafuse.guidance.GuidanceConfig`: also install metric-guided latent
@@ -165,6 +173,7 @@ def accelerate_fusion(
     if not isinstance(subject, str) or not isinstance(style, str):
         raise TypeError("accelerate_fusion: subject and style must be adapter names (str)")
     check_engine_options("accelerate_fusion", weights, backend)  # now, not inside the first pipe() call
+    check_log_options("accelerate_fusion", log_gates, gate_log_sink)
     if coverage not in COVERAGES:
         raise ValueError(f"accelerate_fusion: coverage must be one of {COVERAGES}, got {coverage!r}")
     enable_guidance = _guidance_installer(guidance) if guidance is not None else None
@@ -202,7 +211,7 @@ def accelerate_fusion(
     if not (div > 0 and math.isfinite(div)):
         raise ValueError(f"accelerate_fusion: timestep_divisor must be a positive number, got {timestep_divisor}")
     handle = FusionHandle(pipe, denoisers, fusion_method, subject, style, backend, log_gates, scheduler, div, weights,
-                          coverage)
+                          coverage, gate_log_sink)
     handle._divisor_fixed = timestep_divisor is not None
     if progress is None:
         progress = not (getattr(pipe, "_progress_bar_config", None) or {}).get("disable", False)

@@ -76,7 +76,7 @@ def fallback_forward(h, rec: PeftLayer, reason: str, x: torch.Tensor, args, kwar
             reason += " (the method gives no per-call gates outside its fused kernel: PEFT's sum of both adapters)"
     h._report.count(reason, gated=gates is not None or dynamic)
     if dynamic:
-        y = _decide_and_select(method, m, x, rec.names, rec.index, args, kwargs)
+        y = _decide_and_select(method, m, x, rec.names, rec.index, args, kwargs)[0]
     elif gates is None:
         return type(m).forward(m, x, *args, **kwargs)
     else:

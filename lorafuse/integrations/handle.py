@@ -95,7 +95,7 @@ class FusionHandle:
     progress: bool
 
     def __init__(self, pipe, denoisers, method, subject, style, backend, log_gates, scheduler, timestep_divisor,
-                 weights="scratch", coverage="method"):
+                 weights="scratch", coverage="method", gate_log_sink=None):
         self._denoisers = denoisers
         self.method = method
         self.subject = subject
@@ -103,7 +103,9 @@ class FusionHandle:
         self.backend = backend
         self.weights = weights
         self._layers: list[PeftLayer] = []  # filled by _install; the engine and its gate log share the list
-        self.engine = FusionEngine(method, self._layers, weights=weights, backend=backend, log_gates=log_gates)
+        self._log_layers: list = []  # the gate log's: _layers, then the covered layers (Coverage.logged)
+        self.engine = FusionEngine(method, self._layers, weights=weights, backend=backend, log_gates=log_gates,
+                                   gate_log_sink=gate_log_sink, log_layers=self._log_layers)
         self._report = FallbackReport(self.engine.fallbacks)
         self._pipe = None if isinstance(pipe, nn.Module) else weakref.ref(pipe)
         self._scheduler = scheduler
@@ -157,22 +159,23 @@ class FusionHandle:
 
     @property
     def gate_log(self) -> list[dict[str, Any]]:
-        """One dict per (layer, layer call inside a denoiser call), converted to Python lazily."""
+        """One dict per (layer, layer call inside a denoiser call), converted to Python lazily: of
+        the last sampling run by default (see ``accelerate_fusion(log_gates=...)``)."""
         return self.engine.log.entries()
 
     def clear_gate_log(self) -> None:
         self.engine.log.clear()
 
     def plot_gates(self, path: str | os.PathLike[str], *, which: str = "subject") -> None:
-        """Write a PNG heatmap, layers (rows, module paths) x denoising steps (columns, from 1), of
-        the ``which`` gate: 1 = that LoRA acts, 0 = it does not (per-sample gates are averaged); see
+        """Write a PNG heatmap, layers (rows, module paths: the patched layers, then the covered ones
+        the log names) x denoising steps (columns, from 1), of the ``which`` gate: 1 = that LoRA acts, 0 = it does not (per-sample gates are averaged); see
         :func:`lorafuse.engine.gate_plot.plot_gate_log`."""
         if which not in ("subject", "style"):
             raise ValueError(f"plot_gates: which must be 'subject' or 'style', got {which!r}")
         log = self.gate_log
         if not log:
             raise ValueError("plot_gates: the gate log is empty (run the pipeline with log_gates=True first)")
-        plot_gate_log(log, path, which=which, layer_names=self.layer_names,
+        plot_gate_log(log, path, which=which, layer_names=[r.path for r in self._log_layers],
                       title=f"{getattr(self.method, 'name', 'fusion')}: {which} gate")
 
     @contextlib.contextmanager
@@ -238,6 +241,7 @@ class FusionHandle:
                 rec.merge_guard = make_merge_guard(self, rec)
                 m.merge = rec.merge_guard
         self._coverage.apply(self, [(path, mod) for path, mod, _ in unpatched], self._hook_slots)
+        self._log_layers[:] = [*self._layers, *self._coverage.logged]
         for comp, d in self._denoisers:
             pos = _timestep_position(_unwrap(d))
             self._hooks.append(d.register_forward_pre_hook(make_pre_hook(self, pos), with_kwargs=True))
@@ -298,7 +302,11 @@ class FusionHandle:
         self._hooks.clear()
         self._watches.remove_watches()
         self.engine.release([rec.original_weight() for rec in self._layers])  # "inplace": originals back
+        self.engine.close()  # the gate log on the host, the sink's last records out
+        self._report.warned.clear()
         for rec in self._layers:
+            rec.cache.clear()
+            rec.ccache.clear()
             m = rec.module
             if rec.merge_guard is not None and m.__dict__.get("merge") is rec.merge_guard:
                 del m.__dict__["merge"]
@@ -329,6 +337,13 @@ class FusionHandle:
           layers left on PEFT's sum of the active adapters; text encoders always stay on PEFT) and
           ``no_lora`` (reason -> layers run with neither adapter, ``coverage="none"``);
           ``unpatched_layers``: their paths;
+        - ``covered_by``: what computes each of the two adapters' LoRA layers in the denoisers,
+          counted per kind: "linear, merged" / "linear, fused" (patched), "conv, method's rule",
+          "single-adapter, method's rule", "conv, no LoRA", "single-adapter, no LoRA", "PEFT's sum";
+          ``logged_layers``: how many of them have gate-log records (patched, and covered with a
+          rule or no LoRA: what :class:`~lorafuse.integrations.replay.GateReplay` replays);
+        - ``gate_log``: what the log keeps (``keeps``, in words), the denoiser calls it holds
+          (``calls``) and its ``sink``;
         - ``fallback_calls``: reason -> layer calls that left the fused / merged path so far (see
           :attr:`fallbacks`)."""
         unpatched: dict[str, int] = {}
@@ -342,9 +357,17 @@ class FusionHandle:
         cast = sum(1 for rec in self._layers if rec.forward is not None and isinstance(getattr(rec.base, "weight", None),
                    torch.Tensor) and _CAST_HOOK in getattr(getattr(rec.base, "_diffusers_hook", None), "hooks", {}))
         info = self.engine.summary()
+        layers = sum(rec.forward is not None for rec in self._layers)
+        covered_by = {f"linear, {info['path']}": layers}
+        for path, why in self._unpatched:
+            kind = ("conv" if why.startswith("not a linear") else "single-adapter" if why.startswith("only the")
+                    else None)
+            rule = ("method's rule" if path in cov.rule_paths else "no LoRA" if path in cov.none_paths else None)
+            key = f"{kind}, {rule}" if kind and rule else "PEFT's sum"
+            covered_by[key] = covered_by.get(key, 0) + 1
         return {
             "method": info["method"],
-            "layers": sum(rec.forward is not None for rec in self._layers),
+            "layers": layers,
             "path": info["path"],
             "weights": info["weights"],
             "cast_layers": cast,
@@ -352,5 +375,8 @@ class FusionHandle:
             "unpatched": unpatched,
             **by_policy,
             "unpatched_layers": [p for p, _ in self._unpatched],
+            "covered_by": covered_by,
+            "logged_layers": layers + len(cov.logged),
+            "gate_log": info["gate_log"],
             "fallback_calls": info["fallback_calls"],
         }

@@ -2,9 +2,12 @@
 against (the demo's "max diff vs reference", and the integration tests).
 
 ``GateReplay(pipe, handle.gate_log, names=(subject, style))`` installs on a pipeline that has the
-same two adapters loaded and *no* lorafuse installation: every LoRA layer's call ``(layer, call)``
-runs PEFT's forward with the logged gates (a one-hot gate: only that adapter active; other gates:
-each adapter's scaling times its gate; per-sample gates split the batch). ``remove()`` undoes it.
+same two adapters loaded and *no* lorafuse installation: every linear LoRA layer holding both
+adapters, and every other LoRA layer the log names (conv and single-adapter layers under
+``coverage="method"`` / ``"none"``), runs PEFT's forward with the gates logged for its call
+``(layer, call)`` (a one-hot gate: only that adapter active; other gates: each adapter's scaling
+times its gate; per-sample gates split the batch). LoRA layers the log does not name run PEFT's
+forward as it is (``coverage="peft"``). ``remove()`` undoes it.
 """
 
 from __future__ import annotations
@@ -102,8 +105,10 @@ _MISSING = object()
 
 
 class GateReplay:
-    """Install on a pipeline *without* lorafuse: every LoRA layer runs PEFT with the gates that a
-    lorafuse run logged for (layer, call) (per-sample gates split the batch)."""
+    """Install on a pipeline *without* lorafuse: every LoRA layer the log names (and every linear one
+    holding both adapters) runs PEFT with the gates that a lorafuse run logged for (layer, call)
+    (per-sample gates split the batch); ``misses`` counts their calls the log has no gates for. A
+    layer beyond the linear ones whose forward someone already set is left alone."""
 
     def __init__(self, pipe, gate_log, names=("sbj", "sty")):
         if not gate_log:
@@ -115,10 +120,18 @@ class GateReplay:
         self.call = -1
         self.misses = 0
         self.layers = peft_layers(self.model, names)
+        linear = {id(m) for _, m in self.layers}
+        logged = {e["layer"] for e in gate_log}
+        held = [(path, m) for path, m in self.model.named_modules()
+                if isinstance(getattr(m, "lora_A", None), nn.ModuleDict) and any(a in m.lora_A for a in names)]
+        self.layers += [(path, m) for path, m in held
+                        if path in logged and id(m) not in linear and "forward" not in m.__dict__]
         self._hook = self.model.register_forward_pre_hook(self._pre)
-        self._saved = [(m, m.__dict__.get("_active_adapter")) for _, m in self.layers]
-        for path, m in self.layers:
+        # both adapters active on every LoRA layer holding one, as accelerate_fusion activates them
+        self._saved = [(m, m.__dict__.get("_active_adapter")) for _, m in held]
+        for _, m in held:
             m._active_adapter = list(names)
+        for path, m in self.layers:
             m.forward = self._make(path, m)
 
     def _pre(self, module, args):
@@ -151,14 +164,15 @@ def _decide_and_select(method, m, x, names, layer, args, kwargs):
     fused kernel: PEFT's pieces (:func:`~lorafuse.integrations.replay.peft_adapter_outputs`) give the
     per-sample statistics (output channels as the softmax axis: the last axis of a linear's output,
     axis 1 of a conv's), ``method.decide_from_outputs`` decides with the method's own rule (kept as
-    layer ``layer``'s decision unless None), and each sample gets its selected adapter's output."""
+    layer ``layer``'s decision unless None), and each sample gets its selected adapter's output.
+    Returns ``(y, gates (G, 2), D (G, 2))``; gates and D are None for an empty input."""
     f0, ys, ds = peft_adapter_outputs(m, x, names, *args, **kwargs)
     G = f0.shape[0] if f0.dim() >= 2 else 1
     if G == 0 or f0.numel() == 0:
-        return ys[0]
+        return ys[0], None, None
     if isinstance(m.get_base_layer(), nn.modules.conv._ConvNd) and f0.dim() >= 3:
         f0c, dc, dsty = (t.movedim(1, -1) for t in (f0, *ds))
     else:
         f0c, dc, dsty = f0, ds[0], ds[1]
-    gates, _ = method.decide_from_outputs(f0c, dc, dsty, G, layer=layer)
-    return select_per_sample(gates.to(f0.device), ys)
+    gates, D = method.decide_from_outputs(f0c, dc, dsty, G, layer=layer)
+    return select_per_sample(gates.to(f0.device), ys), gates, D

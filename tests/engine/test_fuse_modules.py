@@ -183,6 +183,7 @@ def test_gate_log_summary_and_run_state():
         mods[0](xs[0])
         assert [(e["call"], e["layer_index"]) for e in fused.gate_log] == [(3, 0)]
         info = fused.summary()
+        assert info.pop("gate_log") == {"keeps": "the last sampling run", "calls": 1, "sink": None}
         assert info == {"method": "klora", "layers": 3, "path": "merged", "weights": "scratch", "fallback_calls": {}}
         fused.remove()
         off = fuse(mods, layers, "klora", "off", log_gates=False)

@@ -192,7 +192,7 @@ def test_kl_identical_calls_give_bit_identical_images(tmp_path):
     subject, style = write_loras(pipe, tmp_path)
     pipe.load_lora_weights(str(subject), adapter_name="subject")
     pipe.load_lora_weights(str(style), adapter_name="style")
-    h = accelerate_fusion(pipe, "subject", "style", "kl", backend="torch")
+    h = accelerate_fusion(pipe, "subject", "style", "kl", backend="torch", log_gates="all")  # both runs' records
     events = []
     reset, begin = h.method.reset, h.method.begin_step
     h.method.reset = lambda: (events.append("reset"), reset())[1]
@@ -226,7 +226,7 @@ def test_safetensors_diffusers_and_kohya(tmp_path):
     pipe.set_adapters(["sbj", "sty"])
     ref = run(pipe, "sd15")
     method = SwitchDouble()
-    h = accelerate_fusion(pipe, "sbj", "sty", method, backend="torch")
+    h = accelerate_fusion(pipe, "sbj", "sty", method, backend="torch", log_gates="all")  # both runs' records
     run(pipe, "sd15", steps=3)
     out3 = run(pipe, "sd15", steps=3)  # a second run: progress.step restarts with set_timesteps
     log = h.gate_log
@@ -481,7 +481,8 @@ def test_klora_official_mode_gate_log_matches_counter_schedule():
     from lorafuse.fusion import official_tau
 
     pipe = make("sd15")
-    h = accelerate_fusion(pipe, "sbj", "sty", "klora", backend="torch", tau_mode="official")
+    h = accelerate_fusion(pipe, "sbj", "sty", "klora", backend="torch", tau_mode="official",
+                          log_gates="all")  # the three runs' records
     steps = 3
     run(pipe, "sd15", steps=steps)
     run(pipe, "sd15", steps=steps)  # a new run restarts the counter (set_timesteps)

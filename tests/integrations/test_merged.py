@@ -96,7 +96,8 @@ def test_two_flips_per_layer_and_repeatable_generations(mode):
     h = accelerate_fusion(pipe, "sbj", "sty", ref_method, backend="torch", weights="off")
     fused = run(pipe, "sd15", steps=6)
     h.remove()
-    h = accelerate_fusion(pipe, "sbj", "sty", TwoFlips(), backend="torch", weights=mode)
+    h = accelerate_fusion(pipe, "sbj", "sty", TwoFlips(), backend="torch", weights=mode,
+                          log_gates="all")  # the first of ten runs' records
     outs = [run(pipe, "sd15", steps=6) for _ in range(10)]
     log = [e for e in h.gate_log if e["call"] < 6]
     assert max(flips(log)) == 2

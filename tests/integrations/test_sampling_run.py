@@ -18,7 +18,7 @@ from .tiny import denoiser, run  # noqa: E402
 
 def test_each_generation_is_a_run_of_its_own():
     pipe = make("sd15")
-    h = accelerate_fusion(pipe, "sbj", "sty", "klora", backend="torch")
+    h = accelerate_fusion(pipe, "sbj", "sty", "klora", backend="torch", log_gates="all")  # the log of both runs
     assert installed_fusion(denoiser(pipe)) is h and h.run is None
     run(pipe, "sd15", steps=3)
     first = h.run
