@@ -23,7 +23,7 @@ from ..engine import FusionEngine, SamplingRun
 from ..engine.gate_plot import plot_gate_log
 from ..fusion import FusionMethod, LayerLoRAs
 from .coverage import Coverage
-from .denoiser_hook import make_pre_hook
+from .denoiser_hook import make_denoiser_hooks
 from .discovery import _unwrap, plan_layers
 from .fallbacks import FallbackReport
 from .layer_hook import make_layer_forward, make_merge_guard
@@ -109,6 +109,7 @@ class FusionHandle:
         self._scheduler = scheduler
         self._timestep_divisor = timestep_divisor
         self._divisor_fixed = False  # True when the user passed timestep_divisor
+        self._identified = True  # the last denoiser call's run was told apart (see denoiser_hook)
         self._hooks = []
         self._activated: list[tuple[Any, Any, Any]] = []  # (module, saved _active_adapter, list we set)
         self._removed = False
@@ -240,7 +241,9 @@ class FusionHandle:
         self._coverage.apply(self, [(path, mod) for path, mod, _ in unpatched], self._hook_slots)
         for comp, d in self._denoisers:
             pos = _timestep_position(_unwrap(d))
-            self._hooks.append(d.register_forward_pre_hook(make_pre_hook(self, pos), with_kwargs=True))
+            pre_hook, post_hook = make_denoiser_hooks(self, comp, pos)
+            self._hooks.append(d.register_forward_pre_hook(pre_hook, with_kwargs=True))
+            self._hooks.append(d.register_forward_hook(post_hook, always_call=True))
             d.__dict__[_HANDLE_ATTR] = self
         self._watches.watch_offload(self, pipe, self._denoisers)
         if not isinstance(pipe, nn.Module):
@@ -288,6 +291,10 @@ class FusionHandle:
     def remove(self) -> None:
         """Undo everything (instance forwards, hooks, active adapters). Idempotent; safe after
         ``pipe.unload_lora_weights()`` / ``delete_adapters``."""
+        with self.engine.lock:  # after a denoiser call in progress in another thread
+            self._remove()
+
+    def _remove(self) -> None:
         if self._removed:
             return
         self._removed = True
