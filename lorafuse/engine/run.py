@@ -70,11 +70,16 @@ class RunTable:
     def __len__(self) -> int:
         return len(self._runs)
 
+    def find(self, marker: Any) -> SamplingRun | None:
+        """The kept run started with ``marker`` (the same object), or None."""
+        run = self._runs.get(id(marker))
+        return run if run is not None and run.marker is marker else None
+
     def get(self, marker: Any) -> SamplingRun | None:
-        """The run started with ``marker`` (the same object), or None: a new run."""
+        """The run started with ``marker`` (the same object), or None: a new run (see the class)."""
         key = id(marker)
-        run = self._runs.get(key)
-        if run is not None and run.marker is marker:
+        run = self.find(marker)
+        if run is not None:
             self._runs.move_to_end(key)
             return run
         dropped = self._dropped.get(key)

@@ -140,7 +140,7 @@ def live_scheduler(h, denoiser):
     pipe = h._pipe() if h._pipe is not None else None
     sched = getattr(pipe, "scheduler", None) if pipe is not None else h._scheduler
     if sched is not h._scheduler:
-        old = h.engine.runs.get(getattr(h._scheduler, "timesteps", None)) if h._scheduler is not None else None
+        old = h.engine.runs.find(getattr(h._scheduler, "timesteps", None)) if h._scheduler is not None else None
         if old is not None:
             old.invalidate()  # a new scheduler starts a new run
         h._scheduler = sched

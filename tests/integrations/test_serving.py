@@ -270,5 +270,6 @@ def test_run_table_is_bounded_and_a_dropped_run_raises():
     for run in runs:
         table.add(run)
     assert len(table) == 2 and table.get(markers[2]) is runs[2] and table.get(torch.arange(3)) is None
+    assert table.find(markers[0]) is None  # dropped: find() says so, get() raises
     with pytest.raises(RuntimeError, match="more than 2 other runs"):
         table.get(markers[0])
