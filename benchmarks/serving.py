@@ -11,7 +11,8 @@ and the table gives medians (p20-p80) and the ratio to PEFT's median at the same
 lorafuse serialises the denoiser calls of one installation (its lock), PEFT does not; text encoders
 and the VAE run concurrently under both.
 
-    python -m benchmarks.serving [--rounds 7] [--steps 4] [--threads T] [--csv benchmarks/results/serving.csv | --no-csv]
+    python -m benchmarks.serving [--rounds 7] [--steps 4] [--threads T]
+                                 [--csv benchmarks/results/serving.csv | --no-csv]
 
 Rows are appended to the CSV with date, commit, versions, machine, torch threads, the load average
 before the run and the share of CPU other processes used during it.
@@ -65,7 +66,8 @@ def _shared(config: str):
 def _request(shared, steps: int, seed: int) -> None:
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pipe(shared, scheduler=type(shared.scheduler).from_config(shared.scheduler.config))
+    scheduler = type(shared.scheduler).from_config(shared.scheduler.config)
+    pipe = StableDiffusionPipeline.from_pipe(shared, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     with torch.no_grad():
         pipe(prompt=f"a photo of sks dog, variant {seed}", num_inference_steps=steps, guidance_scale=6.0, height=32,
@@ -131,15 +133,17 @@ def main(argv=None) -> list[dict]:
     machine = device_name(torch.device("cpu"))
     date, commit, versions = datetime.datetime.now().isoformat(timespec="seconds"), git_commit(), _versions()
     rows = []
-    print(f"{machine}, torch threads {torch.get_num_threads()}, load {load:.2f}, other processes {other:.0%} of the CPU")
+    print(f"{machine}, torch threads {torch.get_num_threads()}, load {load:.2f}, "
+          f"other processes {other:.0%} of the CPU")
     print(f"{'config':8} {'N':>2} {'images/s':>9} {'p20':>8} {'p80':>8} {'vs peft':>8}")
     for c, n in times:
         med, p20, p80 = _quantiles(times[c, n])
         ratio = med / statistics.median(times["peft", n])
         print(f"{c:8} {n:>2} {med:9.2f} {p20:8.2f} {p80:8.2f} {ratio:8.3f}")
         rows.append(dict(date=date, commit=commit, versions=versions, machine=machine, threads=torch.get_num_threads(),
-                         loadavg=f"{load:.2f}", other_cpu=f"{other:.2f}", steps=args.steps, rounds=args.rounds, config=c,
-                         requests=n, images_per_s=f"{med:.3f}", p20=f"{p20:.3f}", p80=f"{p80:.3f}", vs_peft=f"{ratio:.3f}"))
+                         loadavg=f"{load:.2f}", other_cpu=f"{other:.2f}", steps=args.steps, rounds=args.rounds,
+                         config=c, requests=n, images_per_s=f"{med:.3f}", p20=f"{p20:.3f}", p80=f"{p80:.3f}",
+                         vs_peft=f"{ratio:.3f}"))
     if not args.no_csv:
         new = not args.csv.exists()
         args.csv.parent.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,7 @@ caller's own ``for t in timesteps`` loop around :meth:`ModuleFusion.step`). Its 
     marker     what tells this run from the next (the diffusers integration: the scheduler's
                ``timesteps`` tensor, replaced by every ``set_timesteps``; None for plain modules)
 
+    thread     the thread that started the run (a pipeline call makes all its denoiser calls in one)
     state      the method's per-run state while another run is current (``FusionMethod.run_state``:
                KL's speculative gates; None for the methods that keep none)
 
@@ -23,6 +24,7 @@ denoiser call sets them to its own run's step (``begin_step``, the merged-weight
 
 from __future__ import annotations
 
+import threading
 import weakref
 from collections import OrderedDict
 from typing import Any, Callable
@@ -36,7 +38,7 @@ class SamplingRun:
     """One sampling run's state (see the module docstring); plain attributes, read on every layer
     call (``record``), so ``__slots__`` keeps the reads cheap."""
 
-    __slots__ = ("marker", "step", "tau", "timestep", "num_steps", "record", "state")
+    __slots__ = ("marker", "step", "tau", "timestep", "num_steps", "record", "thread", "state")
 
     def __init__(self, marker: Any = None):
         self.marker = marker
@@ -45,6 +47,7 @@ class SamplingRun:
         self.timestep: float | torch.Tensor | None = None
         self.num_steps: int | None = None
         self.record: Callable[[int], None] | None = None
+        self.thread = threading.get_ident()
         self.state: Any = None
 
     def invalidate(self) -> None:

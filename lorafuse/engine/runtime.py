@@ -14,8 +14,9 @@ layers (W: N x K, bias b, two LoRAs each). The engine holds, besides the method,
   / :meth:`FusionEngine.leave`), so that the method's step state, the merged-weight flips and the
   layer calls of one denoiser call are never interleaved with another request's.
 
-Per denoiser call, :meth:`FusionEngine.begin_call`: the call's run made current (the method's per-run
-state follows it), ``method.begin_step(Progress(tau, step, ...))``, then the merged weights of the layers whose gates flipped are rebuilt, then the call's recorder.
+Per denoiser call, :meth:`FusionEngine.begin_call`: the call's run made current (the method's
+per-run state follows it), ``method.begin_step(Progress(tau, step, ...))``, then the merged weights
+of the layers whose gates flipped are rebuilt, then the call's recorder.
 Per layer call, :meth:`FusionEngine.call` (after the integration's own checks passed and
 :meth:`FusionEngine.prepare_layer` put the layer on a path)::
 
@@ -162,6 +163,7 @@ class FusionEngine:
         return True
 
     def leave(self) -> None:
+        """Give back the lock :meth:`enter` took."""
         self.lock.release()
 
     def start_run(self, marker: Any = None) -> SamplingRun:

@@ -65,6 +65,7 @@ def make_denoiser_hooks(h, comp: str, pos: int | None):
         if ts is None:
             return None
         pipe, compiled = calling_pipeline(comp, module)
+        thread = threading.get_ident()
         waited = engine.enter()
         stack[-1] = True  # the post-hook gives the lock back, also when this hook raises
         if h._removed:  # removed while this call waited
@@ -77,14 +78,20 @@ def make_denoiser_hooks(h, comp: str, pos: int | None):
             divisor = h._timestep_divisor if h._divisor_fixed else _timestep_divisor(_unwrap(module), sched)
         marker = getattr(sched, "timesteps", None) if sched is not None else None
         run = engine.runs.get(marker)
-        identified = pipe is not None and not compiled
-        if waited and not (identified and h._identified) or waited and run is not None and run is engine.run:
+        own = _untold(pipe, compiled)  # why this call's run could be another thread's too
+        why = None
+        if waited:  # another thread's denoiser call ran meanwhile: both runs must be told apart
+            why = own or h._untold or ("two requests share one scheduler" if run is not None and run is engine.run
+                                       else None)
+        if why is None and pipe is not None and run is not None and run.thread != thread:
+            why = "two requests share one scheduler"  # a pipeline call makes its denoiser calls in one thread
+        if why:
             raise RuntimeError(
-                f"lorafuse: two threads run denoiser calls through one installation ({getattr(h.method, 'name', '')}) "
-                "and their sampling runs cannot be told apart (" + _why(pipe, compiled, h._identified, run is engine.run)
-                + "); give each request its own pipeline and scheduler (Pipeline.from_pipe(shared, scheduler=...)), "
-                "without torch.compile, or serialise the requests")
-        h._identified = identified
+                f"lorafuse: two threads run denoiser calls through one installation ({getattr(h.method, 'name', '')})"
+                f" and their sampling runs cannot be told apart ({why}); give each request its own pipeline and "
+                "scheduler (Pipeline.from_pipe(shared, scheduler=...)), without torch.compile, or serialise the "
+                "requests")
+        h._untold = own
         if run is None:  # set_timesteps() ran: a new sampling run
             run = engine.start_run(marker)
             h._check_states()
@@ -102,14 +109,13 @@ def make_denoiser_hooks(h, comp: str, pos: int | None):
     return pre_hook, post_hook
 
 
-def _why(pipe, compiled: bool, holder_identified: bool, same_run: bool) -> str:
+def _untold(pipe, compiled: bool) -> str | None:
+    """Why a denoiser call's run could be another thread's too (None: its own pipeline's run)."""
     if compiled:
         return "the denoiser is compiled"
-    if pipe is None or not holder_identified:
+    if pipe is None:
         return "a denoiser call came from outside a diffusers pipeline call (the user's own loop)"
-    if same_run:
-        return "two requests share one scheduler"
-    return "unknown"
+    return None
 
 
 def calling_pipeline(comp: str, denoiser: nn.Module):

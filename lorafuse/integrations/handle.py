@@ -109,7 +109,7 @@ class FusionHandle:
         self._scheduler = scheduler
         self._timestep_divisor = timestep_divisor
         self._divisor_fixed = False  # True when the user passed timestep_divisor
-        self._identified = True  # the last denoiser call's run was told apart (see denoiser_hook)
+        self._untold: str | None = None  # why the last denoiser call's run could not be told apart (denoiser_hook)
         self._hooks = []
         self._activated: list[tuple[Any, Any, Any]] = []  # (module, saved _active_adapter, list we set)
         self._removed = False
