@@ -15,8 +15,9 @@ receives to the engine, under the installation's lock.
 Concurrent requests (diffusers' server pattern: shared components, ``Pipeline.from_pipe(shared,
 scheduler=...)`` per request, requests in threads) thus run their denoiser calls one at a time, each
 on its own run's step, gates and merged weights (flipped back and forth between requests' calls).
-A call that waited for another thread's and whose run cannot be told apart (no calling pipeline
-found, two requests on one scheduler, a compiled denoiser) raises a RuntimeError instead.
+A call whose run cannot be told apart from another thread's raises a RuntimeError instead: no
+calling pipeline found (the user's own loop) or a compiled denoiser while another thread's call ran
+meanwhile; a request's run continued from another thread (two requests on one scheduler).
 
 ``tau`` stays a device tensor when the timestep is one; a CPU timestep is read on the host (the
 static methods then decide on the host, bit-identically).
