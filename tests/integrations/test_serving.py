@@ -23,6 +23,7 @@ from lorafuse.integrations import accelerate_fusion  # noqa: E402
 
 from .test_diffusers import make  # noqa: E402
 from .test_fallbacks import conv_pair  # noqa: E402
+from .tiny import run_kwargs  # noqa: E402
 
 METHODS = ("klora", "est", "kl", "merge", "subject", "style")
 WEIGHTS = ("scratch", "inplace", "off")
@@ -45,10 +46,8 @@ def shared():
 
 def request_pipe(shared, scheduler_cls=None):
     """A request's pipeline: the shared components, a fresh scheduler (of ``scheduler_cls``)."""
-    from diffusers import StableDiffusionPipeline
-
     cls = scheduler_cls or type(shared.scheduler)
-    pipe = StableDiffusionPipeline.from_pipe(shared, scheduler=cls.from_config(shared.scheduler.config))
+    pipe = type(shared).from_pipe(shared, scheduler=cls.from_config(shared.scheduler.config))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -171,6 +170,29 @@ def test_schedulers_scales_and_images_per_prompt(shared):
     for method, weights in (("klora", "inplace"), ("kl", "scratch")):
         with accelerate_fusion(pipe, "sbj", "sty", method, backend="torch", weights=weights):
             check_server_pattern(pipe, embeds, requests=requests, schedulers=schedulers, rounds=1)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_transformer_families_with_per_call_scales(family):
+    """SD3 and FLUX transformers (prompt embeddings given): requests with their own LoRA scales
+    (``joint_attention_kwargs``)."""
+    pipe = make(family)
+    scales = (0.5, 1.0, 0.8)
+
+    def request(p, steps, seed, scale):
+        kw = run_kwargs(family, steps, joint_attention_kwargs={"scale": scale})
+        kw["generator"] = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            return p(**kw).images
+
+    for method in ("klora", "kl"):
+        with accelerate_fusion(pipe, "sbj", "sty", method, backend="torch"):
+            alone = [request(request_pipe(pipe), 1 + i % 2, i, sc) for i, sc in enumerate(scales)]
+            pipes = [request_pipe(pipe) for _ in scales]
+            together = in_threads([lambda i=i, p=p, sc=sc: request(p, 1 + i % 2, i, sc)
+                                   for i, (p, sc) in enumerate(zip(pipes, scales))])
+        for a, b in zip(alone, together):
+            assert torch.equal(a, b), (a - b).abs().max().item()
 
 
 def test_two_installations_alternately_and_in_two_threads():
