@@ -105,6 +105,7 @@ class RunTable:
             except TypeError:  # None or a plain object: nothing to recognise it by later
                 pass
 
-    def clear(self) -> None:
-        self._runs.clear()
-        self._dropped.clear()
+    def drop_states(self) -> None:
+        """Every kept run continues with a new run's method state (the method was prepared again)."""
+        for run in self._runs.values():
+            run.state = None

@@ -126,10 +126,12 @@ class FusionEngine:
     # ---------------- installation ----------------
     def prepare(self, loras: Sequence[LayerLoRAs], device: torch.device | None) -> None:
         """Give the method every layer's two LoRAs as they are now and set up the merged weights
-        (again after a hotswap: the previous merged weights are released first)."""
+        (again after a hotswap: the previous merged weights are released first; the method's
+        per-run state of every kept run is dropped, as the method's own is)."""
         for rec in self.layers:
             rec.fp, rec.packed = None, None
         self.method.prepare(loras, device)
+        self.runs.drop_states()
         self.release()
         if (self.weights != "off" and not self.method.dynamic
                 and type(self.method).layer_gates is not FusionMethod.layer_gates):

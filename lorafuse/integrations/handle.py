@@ -145,7 +145,8 @@ class FusionHandle:
     @property
     def run(self) -> SamplingRun | None:
         """The current :class:`~lorafuse.engine.SamplingRun` (step, tau, recorder; None before the
-        first denoiser call): a new one at each generation."""
+        first denoiser call): a new one at each generation; with concurrent requests, the run of the
+        last denoiser call (each request's own: ``engine.runs``)."""
         return self.engine.run
 
     @property
