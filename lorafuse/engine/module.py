@@ -21,6 +21,7 @@ For several layers that share one method (K-LoRA's gamma is global), use :func:`
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any, Callable, Sequence
 
 import torch
@@ -131,6 +132,7 @@ class ModuleFusion:
             rec.forward = self._make_forward(rec)
             rec.module.forward = rec.forward
         self._removed = False
+        self._thread: int | None = None  # the thread stepping the current run (see step)
 
     def _make_forward(self, rec: _LinearSlot):
         engine = self.engine
@@ -166,7 +168,18 @@ class ModuleFusion:
         """Start a denoiser call at progress ``tau`` in [0, 1] (0 = first, noisiest step); ``step``:
         its index in the run (default: the next one, from 0), ``num_steps``: the sampler's step count
         (needed by ``tau_mode="official"``). Factors or scales written in place since the last call
-        are merged / packed again at the next layer call."""
+        are merged / packed again at the next layer call.
+
+        One thread steps a run: a step from another thread before :meth:`new_run` raises a
+        RuntimeError (two sampling loops through one ModuleFusion cannot be told apart: each needs
+        its own :func:`fuse_modules`, or one loop at a time with :meth:`new_run` between)."""
+        thread = threading.get_ident()
+        if self._thread is None:
+            self._thread = thread
+        elif thread != self._thread:
+            raise RuntimeError(f"ModuleFusion.step: thread {thread} steps the sampling run that thread {self._thread} "
+                               "is stepping; one ModuleFusion serves one sampling loop at a time (call new_run() "
+                               "before another thread takes over, or fuse the modules once per loop)")
         for rec in self._slots:
             key = rec.key()
             if key != rec.state:
@@ -175,8 +188,10 @@ class ModuleFusion:
         self.engine.begin_call(tau, step=step, num_steps=num_steps)
 
     def new_run(self) -> None:
-        """Start a new sampling run: the method forgets its per-run state, steps count from 0, and
-        the gate log (by default) drops the previous run's records."""
+        """Start a new sampling run: the method forgets its per-run state, steps count from 0, the
+        gate log (by default) drops the previous run's records, and the next :meth:`step` may come
+        from any thread."""
+        self._thread = None
         self.engine.start_run()
 
     @property

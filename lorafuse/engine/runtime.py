@@ -8,10 +8,15 @@ layers (W: N x K, bias b, two LoRAs each). The engine holds, besides the method,
 - the merged weights (:class:`~lorafuse.engine.merged.MergedWeights`) of methods whose gates are
   fixed within a denoiser call, ``W_eff = W + g_c s_c B_c A_c + g_s s_s B_s A_s``, and their flips;
 - the gate log (:class:`~lorafuse.engine.gate_log.GateLog`);
-- the current :class:`~lorafuse.engine.run.SamplingRun` (step, tau, recorder).
+- the sampling runs (:class:`~lorafuse.engine.run.RunTable`: one per concurrent request) and the
+  current one (step, tau, recorder);
+- a re-entrant lock: an integration holds it for a whole denoiser call (:meth:`FusionEngine.enter`
+  / :meth:`FusionEngine.leave`), so that the method's step state, the merged-weight flips and the
+  layer calls of one denoiser call are never interleaved with another request's.
 
-Per denoiser call, :meth:`FusionEngine.begin_call`: ``method.begin_step(Progress(tau, step, ...))``,
-then the merged weights of the layers whose gates flipped are rebuilt, then the call's recorder.
+Per denoiser call, :meth:`FusionEngine.begin_call`: the call's run made current (the method's
+per-run state follows it), ``method.begin_step(Progress(tau, step, ...))``, then the merged weights
+of the layers whose gates flipped are rebuilt, then the call's recorder.
 Per layer call, :meth:`FusionEngine.call` (after the integration's own checks passed and
 :meth:`FusionEngine.prepare_layer` put the layer on a path)::
 
@@ -27,6 +32,7 @@ The integrations subclass :class:`LayerSlot` (a plain ``nn.Linear`` in :mod:`.mo
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Sequence
 
 import torch
@@ -37,7 +43,7 @@ from ..kernels import PackedLoRA, fused_lora_linear
 from ..kernels._common import BACKENDS
 from .gate_log import GateLog, check_log_options, describe_keep
 from .merged import WEIGHT_MODES, MergedWeights
-from .run import SamplingRun
+from .run import RunTable, SamplingRun
 
 __all__ = ["FusionEngine", "LayerSlot", "check_engine_options"]
 
@@ -120,7 +126,9 @@ class FusionEngine:
         self.log = GateLog(method, layers if log_layers is None else log_layers, keep, sink)
         self.merged: MergedWeights | None = None
         self.host_gates = False  # merged path whose gates the host knows per layer call (official tau)
-        self.run: SamplingRun | None = None
+        self.run: SamplingRun | None = None  # the current run: the lock holder's
+        self.runs = RunTable()
+        self.lock = threading.RLock()
         self.calls = 0  # denoiser calls counted since installation (the gate log's "call")
         self.started = False  # a counted denoiser call began (a bool: compiled graphs guard on it)
         self.fallbacks: dict[str, int] = {}  # reason -> layer calls that left the merged / fused path
@@ -128,10 +136,12 @@ class FusionEngine:
     # ---------------- installation ----------------
     def prepare(self, loras: Sequence[LayerLoRAs], device: torch.device | None) -> None:
         """Give the method every layer's two LoRAs as they are now and set up the merged weights
-        (again after a hotswap: the previous merged weights are released first)."""
+        (again after a hotswap: the previous merged weights are released first; the method's
+        per-run state of every kept run is dropped, as the method's own is)."""
         for rec in self.layers:
             rec.fp, rec.packed = None, None
         self.method.prepare(loras, device)
+        self.runs.drop_states()
         self.release()
         if (self.weights != "off" and not self.method.dynamic
                 and type(self.method).layer_gates is not FusionMethod.layer_gates):
@@ -156,22 +166,52 @@ class FusionEngine:
             rec.fp = None
 
     # ---------------- per sampling run / denoiser call ----------------
+    def enter(self) -> bool:
+        """Take the installation's lock for one denoiser call (re-entrant; :meth:`leave` gives it back).
+        Returns True when another thread held it: a concurrent denoiser call made this one wait."""
+        if self.lock.acquire(blocking=False):
+            return False
+        self.lock.acquire()
+        return True
+
+    def leave(self) -> None:
+        """Give back the lock :meth:`enter` took."""
+        self.lock.release()
+
     def start_run(self, marker: Any = None) -> SamplingRun:
-        """A new sampling run: the method forgets its per-run state; the run counts from step 0."""
-        self.method.reset()
+        """A new sampling run under ``marker`` (kept in :attr:`runs`), made current: the method's
+        per-run state starts afresh, the run counts from step 0; the gate log (keeping the last run)
+        drops the previous run's records."""
         if self.log_gates:
             self.log.new_run()
-        self.run = SamplingRun(marker)
-        return self.run
+        run = SamplingRun(marker)
+        self.runs.add(run)
+        self._make_current(run)
+        return run
 
-    def begin_call(self, tau, *, step: int | None = None, num_steps: int | None = None, timestep=None,
-                   t0=None, count: bool = True) -> SamplingRun:
-        """Start a denoiser call of the current run at progress ``tau`` (``step``: the call's index in
-        the run, default the run's count). The method updates its gates (``begin_step``), the merged
-        weights of the layers whose gates flipped are rebuilt, and the call gets a recorder.
-        ``count=False``: only set the gates (no recorder, the run and :attr:`calls` do not advance).
-        ``timestep`` goes to the method, ``t0`` (the first sample's value) to the gate log."""
-        run = self.run if self.run is not None else self.start_run()
+    def _make_current(self, run: SamplingRun) -> None:
+        """``run`` becomes the current run: the previous one keeps the method's per-run state
+        (``method.run_state()``), ``run``'s own comes back (None: a new run's)."""
+        current = self.run
+        if run is current:
+            return
+        if current is not None:
+            current.state = self.method.run_state()
+        self.method.set_run_state(run.state)
+        run.state = None
+        self.run = run
+
+    def begin_call(self, tau, *, run: SamplingRun | None = None, step: int | None = None, num_steps: int | None = None,
+                   timestep=None, t0=None, count: bool = True) -> SamplingRun:
+        """Start a denoiser call of ``run`` (default: the current run) at progress ``tau`` (``step``:
+        the call's index in the run, default the run's count). The run becomes current, the method
+        updates its gates (``begin_step``), the merged weights of the layers whose gates flipped are
+        rebuilt, and the call gets a recorder. ``count=False``: only set the gates (no recorder, the
+        run and :attr:`calls` do not advance). ``timestep`` goes to the method, ``t0`` (the first
+        sample's value) to the gate log. Concurrent callers hold :attr:`lock` across the call."""
+        if run is None:
+            run = self.run if self.run is not None else self.start_run()
+        self._make_current(run)
         step = run.step if step is None else int(step)
         self.method.begin_step(Progress(tau=tau, step=step, num_steps=num_steps, timestep=timestep))
         if self.merged is not None and not self.host_gates:  # rebuild the layers whose gates flipped

@@ -14,7 +14,10 @@ Life cycle, driven by an integration (diffusers) or by hand:
    :class:`~lorafuse.kernels.PackedLoRA` of (subject, style) with the *current* scales folded in.
 4. ``method.last_decision(l)`` -> :class:`Decision` for logging (device tensors; the caller decides
    when to copy them to the host).
-5. ``method.reset()`` when a new sampling run starts (before its first ``begin_step``).
+5. ``method.reset()`` when a new sampling run starts (before its first ``begin_step``); with several
+   runs interleaved (concurrent requests through one installation, their denoiser calls one at a
+   time): ``state = method.run_state()`` when another run's call comes next and
+   ``method.set_run_state(state)`` (None: a new run) when this run's call comes back.
 
 Methods whose gates do not depend on the layer's input (K-LoRA, EST, merge) also answer
 ``method.layer_gates(l)`` (the gates of this call, and a host key of them when the host knows them):
@@ -28,7 +31,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Hashable, Sequence
+from typing import Any, Hashable, Sequence
 
 import torch
 
@@ -110,6 +113,19 @@ class FusionMethod(abc.ABC):
     def reset(self) -> None:
         """Forget per-run state (e.g. speculative gates carried from call to call): called when a new
         sampling run starts, so identical runs give identical outputs. Default: nothing to forget."""
+
+    def run_state(self) -> Any:
+        """The per-run state the method holds now (what :meth:`reset` would forget), for
+        :meth:`set_run_state` when this run continues after another run's calls; the method may keep
+        using the objects (the next :meth:`set_run_state` replaces them). Default: None (the gates
+        of :meth:`begin_step` depend on its progress alone)."""
+        return None
+
+    def set_run_state(self, state: Any) -> None:
+        """Continue the run whose :meth:`run_state` was ``state``; None: a new run. Default:
+        :meth:`reset` for None. A method that keeps per-run state overrides both."""
+        if state is None:
+            self.reset()
 
     def layer_gates(self, layer: int) -> tuple[torch.Tensor, Hashable | None] | None:
         """The gates layer ``layer`` applies on this call, for methods whose gates do not depend on

@@ -136,6 +136,15 @@ class KLDynamic(FusionMethod):
             if prev is not None:
                 prev.copy_(self._initial(prev.device).expand_as(prev))
 
+    def run_state(self) -> list[torch.Tensor | None]:
+        """The speculative gates of every layer (the Triton path carries them from call to call)."""
+        return self._prev
+
+    def set_run_state(self, state: list[torch.Tensor | None] | None) -> None:
+        """Continue a run with its own speculative gates; None: a new run's (allocated at each layer's
+        first call, so the previous run's list stays that run's)."""
+        self._prev = [None] * self._n if state is None else state
+
     def layer_forward(self, layer, x, weight, bias, packed: PackedLoRA, *, backend: str = "auto"):
         if not 0 <= layer < self._n:
             raise IndexError(f"{self.name}: layer {layer} out of range (prepared {self._n} layers)")

@@ -23,7 +23,7 @@ from ..engine import FusionEngine, SamplingRun
 from ..engine.gate_plot import plot_gate_log
 from ..fusion import FusionMethod, LayerLoRAs
 from .coverage import Coverage
-from .denoiser_hook import make_pre_hook
+from .denoiser_hook import make_denoiser_hooks
 from .discovery import _unwrap, plan_layers
 from .fallbacks import FallbackReport
 from .layer_hook import make_layer_forward, make_merge_guard
@@ -111,6 +111,7 @@ class FusionHandle:
         self._scheduler = scheduler
         self._timestep_divisor = timestep_divisor
         self._divisor_fixed = False  # True when the user passed timestep_divisor
+        self._untold: str | None = None  # why the last denoiser call's run could not be told apart (denoiser_hook)
         self._hooks = []
         self._activated: list[tuple[Any, Any, Any]] = []  # (module, saved _active_adapter, list we set)
         self._removed = False
@@ -146,7 +147,8 @@ class FusionHandle:
     @property
     def run(self) -> SamplingRun | None:
         """The current :class:`~lorafuse.engine.SamplingRun` (step, tau, recorder; None before the
-        first denoiser call): a new one at each generation."""
+        first denoiser call): a new one at each generation; with concurrent requests, the run of the
+        last denoiser call (each request's own: ``engine.runs``)."""
         return self.engine.run
 
     @property
@@ -244,7 +246,9 @@ class FusionHandle:
         self._log_layers[:] = [*self._layers, *self._coverage.logged]
         for comp, d in self._denoisers:
             pos = _timestep_position(_unwrap(d))
-            self._hooks.append(d.register_forward_pre_hook(make_pre_hook(self, pos), with_kwargs=True))
+            pre_hook, post_hook = make_denoiser_hooks(self, comp, pos)
+            self._hooks.append(d.register_forward_pre_hook(pre_hook, with_kwargs=True))
+            self._hooks.append(d.register_forward_hook(post_hook, always_call=True))
             d.__dict__[_HANDLE_ATTR] = self
         self._watches.watch_offload(self, pipe, self._denoisers)
         if not isinstance(pipe, nn.Module):
@@ -292,6 +296,10 @@ class FusionHandle:
     def remove(self) -> None:
         """Undo everything (instance forwards, hooks, active adapters). Idempotent; safe after
         ``pipe.unload_lora_weights()`` / ``delete_adapters``."""
+        with self.engine.lock:  # after a denoiser call in progress in another thread
+            self._remove()
+
+    def _remove(self) -> None:
         if self._removed:
             return
         self._removed = True

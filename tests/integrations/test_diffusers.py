@@ -181,10 +181,10 @@ def test_triton_interpreter_backend_smallest_pipeline(name):
 
 def test_kl_identical_calls_give_bit_identical_images(tmp_path):
     """Two identical pipeline calls with kl (the demo's LoRAs, whose decisions differ by sample and
-    layer) give the same latents bit for bit, and the handle resets the method's per-run state once
-    per pipeline call (before its first denoiser call), not per denoiser call. The Triton path, whose
-    speculative gates carry over from call to call, is checked bit for bit after reset() in
-    tests/fusion/test_kl.py."""
+    layer) give the same latents bit for bit, and the handle starts the method's per-run state afresh
+    (``set_run_state(None)``) once per pipeline call (before its first denoiser call), not per
+    denoiser call. The Triton path, whose speculative gates carry over from call to call, is checked
+    bit for bit after reset() in tests/fusion/test_kl.py and per run in test_serving.py."""
     from lorafuse.commands.demo import write_loras
     from lorafuse.integrations.tiny import sd15_pipeline as demo_sd15
 
@@ -194,8 +194,8 @@ def test_kl_identical_calls_give_bit_identical_images(tmp_path):
     pipe.load_lora_weights(str(style), adapter_name="style")
     h = accelerate_fusion(pipe, "subject", "style", "kl", backend="torch", log_gates="all")  # both runs' records
     events = []
-    reset, begin = h.method.reset, h.method.begin_step
-    h.method.reset = lambda: (events.append("reset"), reset())[1]
+    fresh, begin = h.method.set_run_state, h.method.begin_step
+    h.method.set_run_state = lambda state: (events.append("reset" if state is None else "resume"), fresh(state))[1]
     h.method.begin_step = lambda p: (events.append("step"), begin(p))[1]
     first = run(pipe, "sd15", steps=2)
     log = list(h.gate_log)
