@@ -38,7 +38,7 @@ class SamplingRun:
     """One sampling run's state (see the module docstring); plain attributes, read on every layer
     call (``record``), so ``__slots__`` keeps the reads cheap."""
 
-    __slots__ = ("marker", "step", "tau", "timestep", "num_steps", "record", "thread", "state")
+    __slots__ = ("_marker", "step", "tau", "timestep", "num_steps", "record", "thread", "state")
 
     def __init__(self, marker: Any = None):
         self.marker = marker
@@ -49,6 +49,26 @@ class SamplingRun:
         self.record: Callable[[int], None] | None = None
         self.thread = threading.get_ident()
         self.state: Any = None
+
+    @property
+    def marker(self) -> Any:
+        """The marker, held weakly where it can be (a scheduler's ``timesteps`` tensor): a run does
+        not keep its marker alive, and a run whose marker is gone is over (:meth:`RunTable.add`
+        drops it). None once the marker is gone."""
+        m = self._marker
+        return m() if isinstance(m, weakref.ref) else m
+
+    @marker.setter
+    def marker(self, value: Any) -> None:
+        try:
+            self._marker = weakref.ref(value)
+        except TypeError:  # None, a plain object(): held as is
+            self._marker = value
+
+    def over(self) -> bool:
+        """True when the run's marker was held weakly and is gone (nothing can continue the run)."""
+        m = self._marker
+        return isinstance(m, weakref.ref) and m() is None
 
     def invalidate(self) -> None:
         """Make the next denoiser call start a new run (e.g. the pipeline's scheduler was swapped):
@@ -63,7 +83,9 @@ class RunTable:
     """The sampling runs of one installation by marker identity (a scheduler's ``timesteps`` tensor:
     one per request under diffusers' server pattern), at most ``size``: beyond it the least recently
     used run is dropped. A dropped run whose marker is still alive comes back as a RuntimeError
-    (:meth:`get`), never as a silent fresh run: more than ``size`` requests were interleaved."""
+    (:meth:`get`), never as a silent fresh run: more than ``size`` requests were interleaved. Runs
+    hold their markers weakly: a run whose marker is gone is over and leaves at the next :meth:`add`,
+    so a service keeps the runs of the requests in flight, not the last ``size``."""
 
     def __init__(self, size: int = 64):
         self.size = size
@@ -93,7 +115,10 @@ class RunTable:
         return None
 
     def add(self, run: SamplingRun) -> None:
-        """Keep ``run`` under its marker (replacing a run with the same marker)."""
+        """Keep ``run`` under its marker (replacing a run with the same marker); the runs whose
+        marker is gone (a finished request's scheduler, timesteps replaced by ``set_timesteps``) go."""
+        for old_key in [k for k, r in self._runs.items() if r.over()]:
+            del self._runs[old_key]
         key = id(run.marker)
         self._runs[key] = run
         self._runs.move_to_end(key)
