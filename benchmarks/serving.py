@@ -21,6 +21,7 @@ before the run and the share of CPU other processes used during it.
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import datetime
 import os
@@ -67,7 +68,9 @@ def _request(shared, steps: int, seed: int) -> None:
     from diffusers import StableDiffusionPipeline
 
     scheduler = type(shared.scheduler).from_config(shared.scheduler.config)
-    pipe = StableDiffusionPipeline.from_pipe(shared, scheduler=scheduler)
+    # a tokenizer per request: a fast tokenizer's padding / truncation state is not thread-safe (with
+    # one shared, a request now and then fails or encodes another's prompt, PEFT alone too)
+    pipe = StableDiffusionPipeline.from_pipe(shared, scheduler=scheduler, tokenizer=copy.deepcopy(shared.tokenizer))
     pipe.set_progress_bar_config(disable=True)
     with torch.no_grad():
         pipe(prompt=f"a photo of sks dog, variant {seed}", num_inference_steps=steps, guidance_scale=6.0, height=32,
@@ -77,10 +80,14 @@ def _request(shared, steps: int, seed: int) -> None:
 def _round(shared, n: int, steps: int) -> float:
     """images/s of ``n`` requests started together, one thread each."""
     start = threading.Barrier(n + 1)
+    errors: list[BaseException] = []
 
     def work(seed):
         start.wait()
-        _request(shared, steps, seed)
+        try:
+            _request(shared, steps, seed)
+        except BaseException as e:  # a failed request must fail the round, not make it look fast
+            errors.append(e)
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(n)]
     for t in threads:
@@ -89,7 +96,10 @@ def _round(shared, n: int, steps: int) -> float:
     t0 = time.perf_counter()
     for t in threads:
         t.join()
-    return n / (time.perf_counter() - t0)
+    elapsed = time.perf_counter() - t0
+    if errors:
+        raise RuntimeError(f"{len(errors)} of {n} concurrent requests failed") from errors[0]
+    return n / elapsed
 
 
 def _quantiles(v: list[float]) -> tuple[float, float, float]:
