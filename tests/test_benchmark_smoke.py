@@ -96,3 +96,21 @@ def test_overhead_probe_and_free_gate_log():
     assert counts["kl log=True"] == counts["kl log=False"] <= counts["peft"], counts
     for method in ("klora", "est", "merge"):
         assert counts[f"{method} log=True"] == counts[f"{method} log=False"], counts
+
+
+def test_serving_benchmark_smoke(monkeypatch):
+    """One round of every (config, N); a request that fails fails its round (never a faster one)."""
+    pytest.importorskip("diffusers")
+    from benchmarks import serving as S
+
+    rows = S.main(["--rounds", "1", "--steps", "1", "--no-csv"])
+    assert [(r["config"], r["requests"]) for r in rows] == [(c, n) for c in S.CONFIGS for n in S.CONCURRENCY]
+    assert all(float(r["images_per_s"]) > 0 for r in rows)
+
+    def failing(shared, steps, seed):
+        if seed == 1:
+            raise ValueError("request 1 failed")
+
+    monkeypatch.setattr(S, "_request", failing)
+    with pytest.raises(RuntimeError, match="1 of 2 concurrent requests failed"):
+        S._round(None, 2, 1)
