@@ -170,7 +170,8 @@ class FusionHandle:
 
     def plot_gates(self, path: str | os.PathLike[str], *, which: str = "subject") -> None:
         """Write a PNG heatmap, layers (rows, module paths: the patched layers, then the covered ones
-        the log names) x denoising steps (columns, from 1), of the ``which`` gate: 1 = that LoRA acts, 0 = it does not (per-sample gates are averaged); see
+        the log names) x denoising steps (columns, from 1), of the ``which`` gate: 1 = that LoRA
+        acts, 0 = it does not (per-sample gates are averaged); see
         :func:`lorafuse.engine.gate_plot.plot_gate_log`."""
         if which not in ("subject", "style"):
             raise ValueError(f"plot_gates: which must be 'subject' or 'style', got {which!r}")
