@@ -64,7 +64,8 @@ def check_log_options(what: str, log_gates, sink) -> tuple[str | int | None, Cal
             raise ValueError(f"{what}: log_gates as a number of denoiser calls must be >= 1, got {log_gates}")
         keep = int(log_gates)
     else:
-        raise TypeError(f"{what}: log_gates must be a bool, one of {LOG_KEEPS} or an int, got {type(log_gates).__name__}")
+        raise TypeError(f"{what}: log_gates must be a bool, one of {LOG_KEEPS} or an int, "
+                        f"got {type(log_gates).__name__}")
     if sink is None or callable(sink):
         return keep, sink
     if isinstance(sink, (str, os.PathLike)):

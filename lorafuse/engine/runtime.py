@@ -61,9 +61,10 @@ class LayerSlot:
     :meth:`merge_inputs`, :meth:`pack` and :meth:`base_weight` from its own layer type.
 
     Attributes: ``index`` (the method's layer index), ``component`` and ``path`` (names for the gate
-    log, whose entries say ``kind`` "linear" for these layers), ``fp`` (the integration's fingerprint of the state its last full check passed in; None:
-    check the next call), ``merged`` (True: the layer runs on its merged weight), ``packed`` (the
-    fused path's :class:`~lorafuse.kernels.PackedLoRA` for the input dtype of that check)."""
+    log, whose entries say ``kind`` "linear" for these layers), ``fp`` (the integration's fingerprint
+    of the state its last full check passed in; None: check the next call), ``merged`` (True: the
+    layer runs on its merged weight), ``packed`` (the fused path's
+    :class:`~lorafuse.kernels.PackedLoRA` for the input dtype of that check)."""
 
     __slots__ = ("index", "component", "path", "fp", "merged", "packed")
     kind = "linear"
