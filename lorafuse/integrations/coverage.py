@@ -111,6 +111,27 @@ class Coverage:
             self.logged.append(LoggedLayer(path, "single-adapter" if not both else "conv", self.policy))
             (self.none_paths if self.policy == "none" else self.rule_paths).add(path)
 
+    def report(self, unpatched: list[tuple[str, str]]) -> dict[str, dict[str, int]]:
+        """Counts of the LoRA layers the kernels do not patch (``unpatched``: (path, reason) each):
+        ``unpatched`` (reason -> layers), split by what computes them into ``method_gates`` (the
+        method's rule), ``no_lora`` (neither adapter) and ``peft_sum`` (reason -> layers each), and
+        ``covered_by`` ("conv" / "single-adapter" + "method's rule" / "no LoRA", or "PEFT's sum" ->
+        layers); see ``FusionHandle.summary``."""
+        counts: dict[str, dict[str, int]] = {"unpatched": {}, "method_gates": {}, "peft_sum": {}, "no_lora": {},
+                                             "covered_by": {}}
+
+        def add(part: str, key: str) -> None:
+            counts[part][key] = counts[part].get(key, 0) + 1
+
+        for path, why in unpatched:
+            rule = "method's rule" if path in self.rule_paths else "no LoRA" if path in self.none_paths else None
+            kind = ("conv" if why.startswith("not a linear") else "single-adapter" if why.startswith("only the")
+                    else None)
+            add("unpatched", why)
+            add("method_gates" if rule == "method's rule" else "no_lora" if rule else "peft_sum", why)
+            add("covered_by", f"{kind}, {rule}" if kind and rule else "PEFT's sum")
+        return counts
+
     def rescore(self, method: FusionMethod, names: tuple[str, str]) -> None:
         """After a reload of an adapter (hotswap): the covered conv layers' scores from the new factors."""
         for path, (m, old) in list(self.scores.items()):

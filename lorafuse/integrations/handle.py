@@ -355,25 +355,12 @@ class FusionHandle:
           (``calls``) and its ``sink``;
         - ``fallback_calls``: reason -> layer calls that left the fused / merged path so far (see
           :attr:`fallbacks`)."""
-        unpatched: dict[str, int] = {}
-        by_policy: dict[str, dict[str, int]] = {"method_gates": {}, "peft_sum": {}, "no_lora": {}}
         cov = self._coverage
-        for path, why in self._unpatched:
-            unpatched[why] = unpatched.get(why, 0) + 1
-            part = by_policy["method_gates" if path in cov.rule_paths else
-                             "no_lora" if path in cov.none_paths else "peft_sum"]
-            part[why] = part.get(why, 0) + 1
         cast = sum(1 for rec in self._layers if rec.forward is not None and isinstance(getattr(rec.base, "weight", None),
                    torch.Tensor) and _CAST_HOOK in getattr(getattr(rec.base, "_diffusers_hook", None), "hooks", {}))
         info = self.engine.summary()
         layers = sum(rec.forward is not None for rec in self._layers)
-        covered_by = {f"linear, {info['path']}": layers}
-        for path, why in self._unpatched:
-            kind = ("conv" if why.startswith("not a linear") else "single-adapter" if why.startswith("only the")
-                    else None)
-            rule = ("method's rule" if path in cov.rule_paths else "no LoRA" if path in cov.none_paths else None)
-            key = f"{kind}, {rule}" if kind and rule else "PEFT's sum"
-            covered_by[key] = covered_by.get(key, 0) + 1
+        counts = cov.report(self._unpatched)
         return {
             "method": info["method"],
             "layers": layers,
@@ -381,10 +368,12 @@ class FusionHandle:
             "weights": info["weights"],
             "cast_layers": cast,
             "coverage": cov.policy,
-            "unpatched": unpatched,
-            **by_policy,
+            "unpatched": counts["unpatched"],
+            "method_gates": counts["method_gates"],
+            "peft_sum": counts["peft_sum"],
+            "no_lora": counts["no_lora"],
             "unpatched_layers": [p for p, _ in self._unpatched],
-            "covered_by": covered_by,
+            "covered_by": {f"linear, {info['path']}": layers, **counts["covered_by"]},
             "logged_layers": layers + len(cov.logged),
             "gate_log": info["gate_log"],
             "fallback_calls": info["fallback_calls"],
