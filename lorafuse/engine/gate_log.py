@@ -146,9 +146,7 @@ class GateLog:
         """The log as dicts (converted lazily; the same list grows with later calls of the calls
         kept). Records converted here also go to the sink."""
         if self._raw_log or (self._step is not None and self._step[2]) or self._batches:
-            start = len(self._log)
-            self._flush()
-            self._to_sink(start)
+            self._convert()
         return self._log
 
     def clear(self) -> None:
@@ -178,13 +176,17 @@ class GateLog:
         """Close the open call; with a sink, its records are converted and sent now."""
         self._compact()
         if self.sink is not None and self._batches:
-            start = len(self._log)
-            self._flush()
-            self._to_sink(start)
+            self._convert()
         if self.keep is None:  # a sink only: nothing held
             self._batches.clear()
             self._log.clear()
             self._call_info.clear()
+
+    def _convert(self) -> None:
+        """Convert the held records to entries (:meth:`_flush`); the new entries go to the sink."""
+        start = len(self._log)
+        self._flush()
+        self._to_sink(start)
 
     def _to_sink(self, start: int) -> None:
         if self.sink is not None and len(self._log) > start:
