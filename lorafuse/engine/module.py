@@ -87,6 +87,9 @@ class _LinearSlot(LayerSlot):
     def base_weight(self) -> torch.Tensor:
         return self.module.weight
 
+    def ready(self) -> bool:
+        return not self.module.weight.is_meta
+
     def needs_fused(self, x: torch.Tensor) -> str | None:
         """Why this call cannot take the merged path (None: it can); the fused path gives the same
         result: autograd into trainable tensors (W_eff is built without autograd), or an input
@@ -183,8 +186,9 @@ class ModuleFusion:
         for rec in self._slots:
             key = rec.key()
             if key != rec.state:
-                rec.state, rec.fp = key, None
+                rec.state = key
                 rec.packs.clear()
+                self.engine.recheck(rec)
         self.engine.begin_call(tau, step=step, num_steps=num_steps)
 
     def new_run(self) -> None:

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from ..fusion.base import FusionMethod, LayerLoRAs, Progress
-from ..kernels import PackedLoRA, fused_lora_linear
+from ..kernels import PackedLoRA
 from ..kernels._common import BACKENDS
 from .gate_log import GateLog, check_log_options, describe_keep
 from .merged import WEIGHT_MODES, MergedWeights
@@ -66,7 +66,7 @@ class LayerSlot:
     layer runs on its merged weight), ``packed`` (the fused path's
     :class:`~lorafuse.kernels.PackedLoRA` for the input dtype of that check)."""
 
-    __slots__ = ("index", "component", "path", "fp", "merged", "packed")
+    __slots__ = ("index", "component", "path", "fp", "merged", "packed", "dst", "ran", "decision")
     kind = "linear"
 
     def __init__(self, index: int, component: str, path: str):
@@ -76,6 +76,9 @@ class LayerSlot:
         self.fp = None
         self.merged = False
         self.packed = None
+        self.dst = None  # the layer's merged weight W_eff while it is current (what a compiled graph reads)
+        self.ran = False  # set by a compiled graph that ran the layer (the gate log records it afterwards)
+        self.decision = None  # (gates, stats) a compiled graph's call of a dynamic method decided
 
     def merge_inputs(self) -> tuple[torch.Tensor, list, Any]:
         """``(W, [(A_c, B_c, s_c), (A_s, B_s, s_s)], key)`` as they are now; equal keys mean equal
@@ -93,6 +96,17 @@ class LayerSlot:
     def original_weight(self) -> torch.Tensor | None:
         """Where "inplace" writes the original back on removal (default: :meth:`base_weight`)."""
         return self.base_weight()
+
+    def ready(self) -> bool:
+        """Whether the layer can take the merged path now, as far as the host knows without an input
+        (the engine merges the ready layers at the start of a denoiser call, before a compiled graph
+        reads them); the integration's full check of each call still decides."""
+        return True
+
+    def merged_into(self, dst: torch.Tensor | None) -> None:
+        """The engine (re)built the layer's W_eff in ``dst`` from its live state, or (None) dropped it.
+        An integration may note what ``dst`` was built with (a compiled graph compares it by value)."""
+        self.dst = dst
 
 
 class FusionEngine:
@@ -127,6 +141,9 @@ class FusionEngine:
         self.log = GateLog(method, layers if log_layers is None else log_layers, keep, sink)
         self.merged: MergedWeights | None = None
         self.host_gates = False  # merged path whose gates the host knows per layer call (official tau)
+        self.rows: list = []  # host_gates: each layer's (row, host key) of the current denoiser call
+        self.pending: set[int] = set()  # layers merged at the next begin_call (once ready)
+        self.traced = False  # a compiled graph ran layers in the current denoiser call (see end_call)
         self.run: SamplingRun | None = None  # the current run: the lock holder's
         self.runs = RunTable()
         self.lock = threading.RLock()
@@ -148,6 +165,7 @@ class FusionEngine:
                 and type(self.method).layer_gates is not FusionMethod.layer_gates):
             self.merged = MergedWeights(len(self.layers), self.weights, self.backend)
             self.host_gates = self.method.step_decisions() is None  # official tau: per-call host gates
+            self.pending = set(range(len(self.layers)))
 
     @property
     def path(self) -> str:
@@ -163,8 +181,11 @@ class FusionEngine:
             weights = [rec.base_weight() for rec in self.layers]
         self.merged.release(list(weights))
         self.merged = None
+        self.pending.clear()
+        self.rows = []
         for rec in self.layers:
             rec.fp = None
+            rec.merged_into(None)
 
     # ---------------- per sampling run / denoiser call ----------------
     def enter(self) -> bool:
@@ -215,8 +236,8 @@ class FusionEngine:
         self._make_current(run)
         step = run.step if step is None else int(step)
         self.method.begin_step(Progress(tau=tau, step=step, num_steps=num_steps, timestep=timestep))
-        if self.merged is not None and not self.host_gates:  # rebuild the layers whose gates flipped
-            self.merged.step(self.method.step_decisions().gates)
+        if self.merged is not None:
+            self._sync_merged()
         if not count:
             return run
         run.tau, run.timestep, run.num_steps = tau, t0, num_steps
@@ -226,39 +247,82 @@ class FusionEngine:
         self.started = True
         return run
 
+    def _sync_merged(self) -> None:
+        """At the start of a denoiser call, after ``begin_step``: every merged weight is current for this
+        call before any layer (eager or a compiled graph) reads it. The layers whose gates flipped are
+        rebuilt (device-side gates: :meth:`MergedWeights.step`; host-side, official tau: each layer's
+        row of this call, in layer order, as the layer calls would ask for it), then the pending layers
+        (new, handed back, changed since the last run) that are :meth:`LayerSlot.ready` are built."""
+        merged = self.merged
+        if not self.host_gates:
+            merged.step(self.method.step_decisions().gates)
+        else:
+            rows = []
+            for rec in self.layers:
+                row, key = self.method.layer_gates(rec.index)
+                if key is None:  # neither step_decisions() nor host keys: merging cannot follow the gates
+                    self.release()
+                    return
+                rows.append((row, key))
+                if rec.dst is not None and key != merged.layers[rec.index].gate_key:
+                    self._merge(rec, rows[-1], rebuild=True)
+            self.rows = rows
+        if self.pending:
+            for i in sorted(self.pending):
+                rec = self.layers[i]
+                if rec.ready():
+                    self._merge(rec)
+            self.pending.clear()
+
+    def _merge(self, rec: LayerSlot, row=None, rebuild: bool = False) -> None:
+        """Build layer ``rec``'s W_eff from its live weight and factors with this call's gates (``row``:
+        host-side ``(row, key)``), unless it is current (``rebuild``: its gates changed)."""
+        merged = self.merged
+        weight, loras, key = rec.merge_inputs()
+        if not rebuild and merged.current(rec.index, weight, key):
+            return
+        if self.host_gates:
+            row, gate_key = row if row is not None else self.rows[rec.index]
+        else:
+            row, gate_key = self.method.step_decisions().gates[rec.index], None
+        rec.merged_into(merged.build(rec.index, weight, loras, key, row, gate_key))
+
+    def end_call(self) -> None:
+        """At the end of a denoiser call: the gate log records the layers a compiled graph ran (their
+        calls could not record themselves), in layer order, with the decisions the graph returned
+        (dynamic methods) or the call's gates."""
+        if not self.traced:
+            return
+        self.traced = False
+        record = self.run.record if self.run is not None else None
+        for rec in self.layers:
+            if rec.ran:
+                rec.ran = False
+                if record is None:
+                    continue
+                if rec.decision is not None:
+                    self.log.record(rec.index, *rec.decision)
+                    rec.decision = None
+                else:
+                    record(rec.index)
+
     # ---------------- per layer call ----------------
     def prepare_layer(self, rec: LayerSlot, x: torch.Tensor) -> None:
-        """After the integration's full check passed: put layer ``rec`` on the merged path (building
-        its weight now, unless its gates are host-side and the call builds it) or pack its LoRAs for
-        the fused path at ``x``'s dtype."""
-        merged = self.merged
-        if merged is None:
+        """After the integration's full check passed: put layer ``rec`` on the merged path (its weight
+        built now unless it is current) or pack its LoRAs for the fused path at ``x``'s dtype."""
+        if self.merged is None:
             rec.merged = False
             rec.packed = rec.pack(x)
             return
         rec.merged = True
-        weight, loras, key = rec.merge_inputs()
-        if merged.current(rec.index, weight, key):
-            return
-        if self.host_gates:
-            merged.restore(rec.index, weight)  # the call builds it with its own gates
-        else:  # device-side gates: build now with this step's row
-            merged.build(rec.index, weight, loras, key, self.method.step_decisions().gates[rec.index], None)
+        self._merge(rec)
 
     def call(self, rec: LayerSlot, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """One layer call on the path :meth:`prepare_layer` chose; ``weight`` and ``bias`` are the
         layer's live parameters (the fused path reads ``weight``; the merged path reads W_eff)."""
         index = rec.index
         if rec.merged:
-            merged = self.merged
-            if self.host_gates:  # official tau: this call's gates are known on the host
-                row, key = self.method.layer_gates(index)
-                if key is None:  # a method with neither step_decisions() nor host keys: fused path
-                    return self._unmergeable(rec, x, weight, bias, row)
-                if key != merged.layers[index].gate_key:
-                    w, loras, pack_key = rec.merge_inputs()
-                    merged.build(index, w, loras, pack_key, row, key)
-            y = F.linear(x, merged.layers[index].dst, bias)
+            y = F.linear(x, rec.dst, bias)
         else:
             y = self.method.layer_forward(index, x, weight, bias, rec.packed, backend=self.backend)
         record = self.run.record
@@ -284,13 +348,13 @@ class FusionEngine:
         gets the rest)."""
         self.log.close()
 
-    def _unmergeable(self, rec: LayerSlot, x, weight, bias, row):
-        """The method gave a device-only gates row but no per-step gates: merging cannot follow it.
-        Run this call on the fused path with that row and every later call through the method."""
-        self.release()
-        y = fused_lora_linear(x, weight, bias, rec.pack(x), gates=row, backend=self.backend)
-        self.record(rec.index)
-        return y
+    def layer_gates(self, index: int):
+        """``(row, key)`` of layer ``index`` in this call, as :meth:`FusionMethod.layer_gates` (for an
+        integration's fallback that applies the method's gates itself): with host-side gates on the
+        merged path, the row :meth:`begin_call` asked the method for (not asked again)."""
+        if self.merged is not None and self.host_gates and self.rows:
+            return self.rows[index]
+        return self.method.layer_gates(index)
 
     def hand_back(self, rec: LayerSlot, weight: torch.Tensor | None = None) -> None:
         """Before other code reads the layer's weight (the integration's fallback, a merge into it):
@@ -299,6 +363,15 @@ class FusionEngine:
         rec.fp = None
         if self.merged is not None and self.merged.mode == "inplace":
             self.merged.restore(rec.index, rec.original_weight() if weight is None else weight)
+            rec.merged_into(None)
+            self.pending.add(rec.index)  # merged again at the next denoiser call once ready
+
+    def recheck(self, rec: LayerSlot) -> None:
+        """Layer ``rec``'s state changed (its factors, say): its next call checks it again and its merged
+        weight is made current at the next :meth:`begin_call` (before a compiled graph reads it)."""
+        rec.fp = None
+        if self.merged is not None:
+            self.pending.add(rec.index)
 
     def count_fallback(self, reason: str) -> None:
         self.fallbacks[reason] = self.fallbacks.get(reason, 0) + 1

@@ -105,7 +105,10 @@ def make_denoiser_hooks(h, comp: str, pos: int | None):
     def post_hook(module, args, output):
         stack = held.__dict__.get("stack")
         if stack and stack.pop():
-            engine.leave()
+            try:
+                engine.end_call()
+            finally:
+                engine.leave()
 
     return pre_hook, post_hook
 

@@ -67,7 +67,7 @@ def fallback_forward(h, rec: PeftLayer, reason: str, x: torch.Tensor, args, kwar
     gates = None
     dynamic = False
     if reason not in USERS_CHOICE:
-        picked = method.layer_gates(rec.index)
+        picked = engine.layer_gates(rec.index)
         if picked is not None:
             gates = picked[0].tolist()  # host copy: one sync on CUDA, in a fallback only
         elif hasattr(method, "decide_from_outputs"):

@@ -27,7 +27,7 @@ from .denoiser_hook import make_denoiser_hooks
 from .discovery import _unwrap, plan_layers
 from .fallbacks import FallbackReport
 from .layer_hook import make_layer_forward, make_merge_guard
-from .offload import disk_copies
+from .offload import ancestors, disk_copies
 from .peft_layer import KERNEL_DTYPES, PeftLayer
 from .peft_state import (_CAST_HOOK, _diffusers_slot, _real_weight, activate_adapters, restore_adapters,
                          unhook_diffusers)
@@ -220,7 +220,9 @@ class FusionHandle:
         self._unpatched += [(path, why) for path, _, why in unpatched]
         self._activated += activate_adapters(self._denoisers, names)
         on_stale = functools.partial(self._report.warn_once, _STALE)
-        self._layers[:] = [PeftLayer(i, comp, path, mod, names, on_stale) for i, (comp, path, mod) in enumerate(patched)]
+        roots = {comp: _unwrap(d) for comp, d in self._denoisers}
+        self._layers[:] = [PeftLayer(i, comp, path, mod, names, on_stale, ancestors(roots[comp], path))
+                           for i, (comp, path, mod) in enumerate(patched)]
         self._prepare_method()
         for rec in self._layers:
             m = rec.module
@@ -287,7 +289,7 @@ class FusionHandle:
             key = rec.state_key()
             if key is None or key != rec.state:
                 rec.state = key
-                rec.fp = None
+                self.engine.recheck(rec)
 
     def _hand_back(self, rec: PeftLayer) -> None:
         """Before PEFT's own code runs on the layer: in place mode, its original weight back."""

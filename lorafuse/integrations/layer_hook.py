@@ -2,7 +2,9 @@
 
     forward(x):
         removed / suspended                      -> PEFT's own forward (suspended: originals back first)
-        traced by torch.compile                  -> the fused path (merged weights handed back once)
+        traced by torch.compile                  -> the full check as guards, then F.linear(x, W_eff, b) on the
+                                                    merged path (the engine made W_eff current before the
+                                                    graph ran), else the method's fused path
         fingerprint changed since the last check -> full check (peft_layer.fallback_reason):
             a reason                             -> fallbacks.fallback_forward
             none                                 -> engine.prepare_layer (merged or packed)
@@ -17,6 +19,7 @@ from __future__ import annotations
 import weakref
 
 import torch
+import torch.nn.functional as F
 
 from .fallbacks import fallback_forward
 from .peft_layer import USERS_CHOICE, PeftLayer, fallback_reason
@@ -35,11 +38,9 @@ def _fallback_eager(h, rec: PeftLayer, reason, x, args, kwargs):
     return fallback_forward(h, rec, reason, x, args, kwargs)
 
 
-@torch._dynamo.disable
-def _leave_merged(h):
-    """A compiled graph runs the fused path on the original weights: give every layer its original
-    back (in place mode) and stop merging for this installation."""
-    h.engine.release()
+def _writes_weights(engine) -> bool:
+    """W itself holds W_eff ("inplace" merged weights): PEFT's own forward needs the original back first."""
+    return engine.merged is not None and engine.merged.mode == "inplace"
 
 
 def make_layer_forward(h, rec: PeftLayer):
@@ -58,18 +59,21 @@ def make_layer_forward(h, rec: PeftLayer):
         if h._suspended:
             h._hand_back(rec)
             return cls_forward(m, x, *args, **kwargs)
-        if torch.compiler.is_compiling():  # traced: no host bookkeeping, no graph breaks
-            if engine.merged is not None:
-                _leave_merged(h)  # one graph break, once: compiled graphs run the fused path
+        if torch.compiler.is_compiling():  # traced: per-layer attributes only, so one graph serves every block
             reason = fallback_reason(rec, x, args, kwargs, engine.started)
             if reason is not None:
-                if reason in USERS_CHOICE:  # PEFT's own forward is the result: traced as is
+                if reason in USERS_CHOICE and not _writes_weights(engine):  # PEFT's forward is the result
                     return cls_forward(m, x, *args, **kwargs)
-                return _fallback_eager(h, rec, reason, x, args, kwargs)  # the method's result
+                return _fallback_eager(h, rec, reason, x, args, kwargs)  # the method's result, eagerly
+            engine.traced = True  # the gate log records this call when the denoiser call ends
+            rec.ran = True
+            base = m.get_base_layer()
+            dst = rec.dst  # W_eff, made current by the engine before the graph ran: a graph input
+            if dst is not None and rec.dst_scales == rec.compiled_scales():
+                return F.linear(x, dst, base.bias)
             packed = rec.compiled_pack(x)
             if packed is None:
                 packed = _pack_eager(rec, x)
-            base = m.get_base_layer()
             return h.method.layer_forward(index, x, base.weight, base.bias, packed, backend=h.backend)
         fp = rec.fingerprint(x) if not (args or kwargs) else None
         if fp is None or fp != rec.fp:  # something changed since the last full check: check again

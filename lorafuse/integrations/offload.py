@@ -41,6 +41,22 @@ def has_own_offload_hook(*modules: nn.Module) -> bool:
     return any(_group_hook(m) is not None for m in modules)
 
 
+def ancestors(root: nn.Module, path: str) -> tuple[nn.Module, ...]:
+    """The modules from ``root`` down to (not including) the one at dotted ``path``."""
+    out, m = [], root
+    for name in path.split(".")[:-1]:
+        out.append(m)
+        m = m.get_submodule(name)
+    out.append(m)
+    return tuple(out)
+
+
+def group_offloaded(modules) -> bool:
+    """Whether diffusers' group offloading moves the weights of a module below any of ``modules``
+    (block level: between two calls of its block they may be placeholders)."""
+    return any(_group_hook(m) is not None for m in modules)
+
+
 def disk_copies(models) -> dict[int, tuple[str, str]]:
     """{id(tensor): (safetensors file, key)} of every tensor of ``models`` that diffusers' group
     offloading keeps on disk (``offload_to_disk_path``) and has offloaded at least once."""

@@ -18,7 +18,7 @@ from torch import nn
 from ..engine import LayerSlot
 from ..kernels import PackedLoRA
 from .compat import lora_variants
-from .offload import has_own_offload_hook
+from .offload import group_offloaded, has_own_offload_hook
 from .peft_state import _casts_to, _compile_key, _real_weight, _scale_key, _scales_key, _weight_key
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -50,10 +50,10 @@ class PeftLayer(LayerSlot):
     (``state``, :meth:`state_key`). ``on_stale()`` is called once when the factors changed since."""
 
     __slots__ = ("module", "base", "names", "forward", "merge_guard", "cache", "ccache", "install_weights",
-                 "stale_warned", "state", "on_stale")
+                 "stale_warned", "state", "on_stale", "dst_scales", "ancestors")
 
     def __init__(self, index: int, component: str, path: str, module: nn.Module, names: tuple[str, str],
-                 on_stale: Callable[[], None] = lambda: None):
+                 on_stale: Callable[[], None] = lambda: None, ancestors: tuple[nn.Module, ...] = ()):
         super().__init__(index, component, path)
         self.module = module
         self.base = module.get_base_layer() if hasattr(module, "get_base_layer") else None
@@ -66,6 +66,8 @@ class PeftLayer(LayerSlot):
         self.stale_warned = False
         self.state = None
         self.on_stale = on_stale
+        self.dst_scales = None  # the scalings W_eff (``dst``) was built with, as a compiled graph compares them
+        self.ancestors = ancestors  # the modules above the layer in its denoiser (group offloading hooks)
 
     # ---------------- the engine's view ----------------
     def base_weight(self) -> torch.Tensor | None:
@@ -74,6 +76,26 @@ class PeftLayer(LayerSlot):
     def original_weight(self) -> torch.Tensor | None:
         """Where an "inplace" original goes back: the weight, or accelerate's offloaded copy of it."""
         return _real_weight(self.base) if self.base is not None else None
+
+    def ready(self) -> bool:
+        """The full check on an input like the weight (its device and dtype): what a compiled graph's
+        check of this layer passes with, so the engine merges it before the graph runs. Not for
+        weights on "meta" or moved by a block's group offloading (placeholders until the block onloads
+        them): such a layer merges at its own call."""
+        w = self.base.weight if self.base is not None else None
+        return (w is not None and not w.is_meta and not group_offloaded(self.ancestors)
+                and fallback_reason(self, w, (), {}, True) is None)
+
+    def merged_into(self, dst: torch.Tensor | None) -> None:
+        self.dst = dst
+        self.dst_scales = self.compiled_scales() if dst is not None else None
+
+    def compiled_scales(self) -> tuple:
+        """The live scalings of the two adapters by value (tensor scalings as one tag), as a compiled
+        graph reads them: guarded by value, no version checks inside the graph."""
+        sc = self.module.scaling
+        s, t = self.names
+        return _compile_key(sc[s]), _compile_key(sc[t])
 
     def merge_inputs(self):
         m = self.module
@@ -105,9 +127,7 @@ class PeftLayer(LayerSlot):
 
     def compiled_pack(self, x: torch.Tensor) -> PackedLoRA | None:
         """Inside a compiled graph: the pack of these scalings by value (no version checks)."""
-        sc = self.module.scaling
-        s, t = self.names
-        return self.ccache.get((_compile_key(sc[s]), _compile_key(sc[t]), x.dtype))
+        return self.ccache.get((*self.compiled_scales(), x.dtype))
 
     # ---------------- keys ----------------
     def weights_versions(self) -> tuple[int, ...]:

@@ -1,0 +1,168 @@
+"""torch.compile on top of lorafuse (issue 22): the methods whose gates are fixed within a denoiser
+call read their merged weight W_eff as a graph input (one ``F.linear`` per layer, no graph break, no
+recompilation across steps, runs, flips), regional and whole-module compilation, compiled before or
+after ``accelerate_fusion``; the compiled image equals the eager lorafuse image, the gate log holds
+the same decisions, and ``remove()`` leaves the denoiser's weights exactly as they were.
+
+Backend "aot_eager" (traces and partitions like Inductor, runs the aten graph without code
+generation): what Dynamo does with the layers is what these tests check, in CI time.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._dynamo
+from torch._dynamo.utils import counters
+
+from lorafuse.fusion import KLoRA
+from lorafuse.integrations import accelerate_fusion
+
+from .tiny import denoiser, flux_pipeline, load_two, run, sdxl_pipeline
+
+BUILD = {"sdxl": sdxl_pipeline, "flux": flux_pipeline}
+COMPONENT = {"sdxl": "unet", "flux": "transformer"}
+
+
+def make(family):
+    pipe = BUILD[family]()
+    pipe.set_progress_bar_config(disable=True)
+    load_two(pipe, family)
+    return pipe
+
+
+def close(a, b):
+    """Equal within fp32 rounding of the values compared (aot_eager runs the same aten ops)."""
+    return (a - b).abs().max().item() <= 1e-6 * (1 + b.abs().max().item())
+
+
+def compile_denoiser(pipe, family, mode, **kw):
+    """Regional (diffusers' compile_repeated_blocks) or whole-module torch.compile, backend aot_eager."""
+    kw.setdefault("backend", "aot_eager")
+    if mode == "regional":
+        denoiser(pipe).compile_repeated_blocks(**kw)
+    else:
+        setattr(pipe, COMPONENT[family], torch.compile(denoiser(pipe), **kw))
+
+
+def graphs_and_breaks():
+    return counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+
+
+def decisions(log):
+    """(call, layer, subject gate, style gate) of a gate log, in layer order per call (a compiled
+    graph's layers are recorded when its denoiser call ends, after the eager ones)."""
+    return sorted((e["call"], e["layer_index"], e["subject"], e["style"]) for e in log)
+
+
+def weights(pipe):
+    return {k: v.detach().clone() for k, v in denoiser(pipe).state_dict().items()}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+    counters.clear()
+
+
+def check_compiled(family, method, mode, order, **options):
+    """Compiled vs eager lorafuse image, 0 graph breaks, 0 recompiles across runs with other step
+    counts, the same gate log, and an exact undo."""
+    pipe = make(family)
+    original = weights(pipe)
+    h = accelerate_fusion(pipe, "sbj", "sty", method, backend="torch", **options)
+    eager = run(pipe, family, steps=3)
+    eager_log = h.gate_log
+    h.remove()
+    if order == "before":
+        compile_denoiser(pipe, family, mode, fullgraph=True)
+        h = accelerate_fusion(pipe, "sbj", "sty", method, backend="torch", **options)
+    else:
+        h = accelerate_fusion(pipe, "sbj", "sty", method, backend="torch", **options)
+        compile_denoiser(pipe, family, mode, fullgraph=True)
+    assert h.summary()["path"] == "merged"
+    out = run(pipe, family, steps=3)
+    graphs, breaks = graphs_and_breaks()
+    assert graphs >= 1 and breaks == 0
+    assert close(out, eager), (out - eager).abs().max()
+    log = h.gate_log
+    assert len(log) == len(eager_log) > 0
+    assert decisions(log) == decisions(eager_log)
+    run(pipe, family, steps=2)  # another step count, another run: the same graphs
+    again = run(pipe, family, steps=3)
+    assert graphs_and_breaks() == (graphs, 0)
+    assert close(again, eager)
+    h.remove()
+    after = weights(pipe)
+    assert after.keys() == original.keys() and all(torch.equal(after[k], original[k]) for k in original)
+
+
+@pytest.mark.parametrize("family", ["flux", "sdxl"])
+@pytest.mark.parametrize("mode", ["regional", "whole"])
+@pytest.mark.parametrize("order", ["after", "before"])
+def test_klora_compiled_reads_merged_weights(family, mode, order):
+    check_compiled(family, "klora", mode, order)
+
+
+@pytest.mark.parametrize("family", ["flux", "sdxl"])
+@pytest.mark.parametrize("method, options, mode, order", [
+    ("est", {}, "regional", "after"),
+    ("merge", {}, "whole", "before"),
+    ("subject", {}, "regional", "before"),
+    ("style", {}, "whole", "after"),
+    ("klora", {"tau_mode": "official"}, "regional", "after"),
+    ("klora", {"weights": "inplace"}, "whole", "after"),
+    ("est", {"weights": "inplace", "tau_mode": "official"}, "regional", "before"),
+])
+def test_static_methods_compiled(family, method, options, mode, order):
+    check_compiled(family, method, mode, order, **options)
+
+
+class FlipKLoRA(KLoRA):
+    """K-LoRA whose time scale makes every layer select the subject for tau <= 0.5 and the style after:
+    every merged weight flips once per run."""
+
+    def scale(self, tau):
+        return 1e-9 if tau <= 0.5 else 1e9
+
+
+@pytest.mark.parametrize("mode", ["regional", "whole"])
+def test_a_flip_between_compiled_calls_is_read_by_the_graph(mode):
+    family = "flux"
+    pipe = make(family)
+    h = accelerate_fusion(pipe, "sbj", "sty", FlipKLoRA(), backend="torch", log_gates="all")
+    eager = run(pipe, family, steps=4)
+    h.remove()
+    h = accelerate_fusion(pipe, "sbj", "sty", "subject", backend="torch")  # the run without the flip
+    no_flip = run(pipe, family, steps=4)
+    h.remove()
+    h = accelerate_fusion(pipe, "sbj", "sty", FlipKLoRA(), backend="torch", log_gates="all")
+    compile_denoiser(pipe, family, mode, fullgraph=True)
+    out = run(pipe, family, steps=4)
+    graphs, breaks = graphs_and_breaks()
+    flips = {(e["call"], e["subject"]) for e in h.gate_log}
+    h.remove()
+    assert {s for _, s in flips} == {0.0, 1.0}  # both selections occurred within the run
+    assert breaks == 0 and graphs >= 1
+    assert not close(no_flip, eager)
+    assert close(out, eager), (out - eager).abs().max()
+
+
+def test_per_call_lora_scale_under_compile_keeps_the_result():
+    """A per-call LoRA scale (diffusers scales PEFT's scalings inside the denoiser's forward) differs
+    from the scalings W_eff was built with: the compiled layers take the fused path for it, and the
+    image equals the eager one."""
+    family = "flux"
+    pipe = make(family)
+    h = accelerate_fusion(pipe, "sbj", "sty", "klora", backend="torch")
+    eager = run(pipe, family, steps=2, joint_attention_kwargs={"scale": 0.5})
+    plain = run(pipe, family, steps=2)
+    compile_denoiser(pipe, family, "regional")
+    out = run(pipe, family, steps=2, joint_attention_kwargs={"scale": 0.5})
+    out_plain = run(pipe, family, steps=2)
+    h.remove()
+    assert not close(eager, plain)
+    assert close(out, eager) and close(out_plain, plain)
