@@ -230,7 +230,11 @@ class Worker:
         self.conn, child = ctx.Pipe()
         self.process = ctx.Process(target=serve, args=(child, args[0], config, *args[1:]), daemon=True)
         self.process.start()
-        self.ready = self.conn.recv()  # prepared one at a time: compile times do not overlap
+        try:
+            self.ready = self.conn.recv()  # prepared one at a time: compile times do not overlap
+        except EOFError:  # the process died (a crash in a compiler, out of memory)
+            self.process.join()
+            self.ready = dict(status=f"failed: the worker process exited with code {self.process.exitcode}")
         self.ms: list[float] = []
         self.recompiles_timed = 0
 
