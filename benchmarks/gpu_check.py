@@ -472,25 +472,6 @@ def _add_loras(model, targets, ranks, seed=0):
     model.set_adapters(["subject", "style"])
 
 
-def _compile_regions(model, backend: str):
-    """``torch.compile`` of the model's repeated blocks (diffusers' regional compilation: every UNet /
-    FLUX transformer block, compiled once per distinct shape, minutes less than the whole model, the
-    same steady-state speed); returns the undo. The whole model when it names no repeated blocks."""
-    import torch
-
-    names = set(getattr(model, "_repeated_blocks", ()) or ())
-    blocks = [m for m in model.modules() if type(m).__name__ in names]
-    for m in blocks or [model]:
-        m.compile(backend=backend)
-
-    def undo():
-        for m in blocks or [model]:
-            m._compiled_call_impl = None
-        torch._dynamo.reset()
-
-    return undo
-
-
 #: The step table's rows, in the order they run (a time limit cuts the tail): (variant, weights, mode,
 #: cold). ``weights`` is accelerate_fusion's weights mode for the static methods ("scratch" default,
 #: "inplace", "off": the fused low-rank path every call); kl always runs fused. ``cold``: the row also
@@ -562,6 +543,7 @@ def part_e2e(family: str, out: Path, dry: bool, limit: float) -> dict:
 
     import lorafuse
     from benchmarks import klora_official
+    from benchmarks.compiling import compile_denoiser
     from benchmarks.triton_cache import cold_cache, compiled
 
     warnings.filterwarnings("ignore")
@@ -666,7 +648,7 @@ def part_e2e(family: str, out: Path, dry: bool, limit: float) -> dict:
                     undo, row["install_s"] = timed(lambda: klora_official.install(model, num_steps=STEPS[family]))
                 if mode == "compiled":
                     torch._dynamo.reset()
-                    undo_compile = _compile_regions(model, backend="eager" if dry else "inductor")
+                    _, undo_compile = compile_denoiser(model, "regional", backend="eager" if dry else "inductor")
                     undo = _chain(undo_compile, undo)
                 y, row["first_call_s"] = timed(lambda: first(call()))
             if mode == "compiled":

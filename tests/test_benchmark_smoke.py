@@ -114,3 +114,25 @@ def test_serving_benchmark_smoke(monkeypatch):
     monkeypatch.setattr(S, "_request", failing)
     with pytest.raises(RuntimeError, match="1 of 2 concurrent requests failed"):
         S._round(None, 2, 1)
+
+
+def test_compiled_benchmark_smoke(tmp_path, capsys):
+    """benchmarks.compiled, smallest group (tiny FLUX, regional, aot_eager, bare + klora, 1 round of
+    2-step images): the CSV gets one well-formed row per configuration and the markdown table prints."""
+    pytest.importorskip("diffusers")
+    from benchmarks import compiled as C
+
+    out = tmp_path / "compiled.csv"
+    assert C.main(["--families", "flux", "--modes", "regional", "--backends", "aot_eager", "--methods", "klora",
+                   "--rounds", "1", "--steps", "2", "--out", str(out)]) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert list(rows[0]) == C.FIELDS
+    assert [(r["family"], r["mode"], r["backend"], r["order"], r["config"]) for r in rows] == [
+        ("flux", "regional", "aot_eager", "after", c) for c in ("bare", "klora")]
+    for r in rows:
+        assert r["status"] == "ok" and float(r["ms_median"]) > 0 and float(r["compile_s"]) > 0, r
+        assert int(r["graph_breaks"]) >= 0 and int(r["recompiles"]) >= int(r["recompiles_timed"]) >= 0, r
+        assert float(r["max_abs_diff_vs_eager"]) < 1e-3, r  # compiled vs eager: same function
+        assert r["torch"] and r["diffusers"] and r["peft"] and r["device"] and r["date"], r
+    assert float(rows[0]["ratio_vs_bare"]) == 1.0
+    assert "| flux | regional | aot_eager | after | klora |" in capsys.readouterr().out
