@@ -4,7 +4,7 @@
 
     "klora"    K-LoRA (top-K importance, flip table)     pattern, alpha, beta, balance, k, tau_mode, stats_backend
     "est"      EST-LoRA (energies, style discrepancy D)  D, pattern, alpha, balance, tau_mode, stats_backend
-    "kl"       KL dynamic selection, per sample          direction, reduction, tie, mode
+    "kl"       KL dynamic selection, per sample          direction, reduction, tie, mode, compiled
     "merge"    linear merge (diffusers set_adapters)     subject_weight, style_weight
     "subject"  subject LoRA only                         -
     "style"    style LoRA only                           -

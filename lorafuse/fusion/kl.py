@@ -22,6 +22,20 @@ Two execution modes give the same decisions:
         state kept) and leaves every other call to kl_select's full checks.
     "two_pass" (reference): stats = fused(x) statistics, decide, y = fused(x; g_new)
 
+Inside a ``torch.compile`` graph (``compiled``, one switch): "plain" traces
+:func:`lorafuse.kernels.kl_decide.kl_select_traced`, about fifteen plain ops that Inductor fuses
+(three GEMMs, one fused softmax / expm1 / row-sum loop nest, the decision, a pointwise y); "kernels"
+traces kl_select's registered Triton ops (``lorafuse::fused_lora_linear``, ``lorafuse::kl_decide``,
+``lorafuse::lora_fixup``), speculating the tie rule's LoRA at every call (the graph keeps no per-layer
+state: the decision never depends on the speculation, only the fix-up's work does). "auto" (default):
+"kernels" when the call's backend resolves to Triton (CUDA), "plain" elsewhere (the CPU). Why kernels
+on CUDA: 4 launches with the statistics in the GEMM's epilogue in x's dtype, against the plain path's
+3 GEMMs in fp32 (x, W and the factors upcast each call: tensor cores idle) plus the fp32 (M, N) f0
+and (2, M, N) d written and read back two or three times; the GPU check measures both. The graph
+never reads the layer index (a Python int would become a guard: one recompile per layer when
+diffusers' regional compilation reuses one block's graph for every block): the call's decision goes
+to ``packed.notes`` (:class:`lorafuse.kernels.packing.CallNotes`), read by :meth:`KLDynamic.decision_of`.
+
 Nothing reads a device value on the host. Zero LoRAs have k = 0 exactly (ties).
 """
 
@@ -30,24 +44,27 @@ from __future__ import annotations
 import torch
 
 from ..kernels import PackedLoRA, fused_lora_linear, kl_select
-from ..kernels.kl_decide import kl_divergences, kl_select_plain
+from ..kernels.kl_decide import kl_divergences, kl_select_plain, kl_select_traced
 from ._common import check_choice, validate_layers
 from .base import Decision, FusionMethod, Progress
 
 
 class KLDynamic(FusionMethod):
     """Options: ``direction`` "forward" | "reverse", ``reduction`` "sample" | "batch", ``tie``
-    "subject" | "style", ``mode`` "speculative" | "two_pass"."""
+    "subject" | "style", ``mode`` "speculative" | "two_pass" (eager calls), ``compiled`` "auto" |
+    "kernels" | "plain" (calls inside a ``torch.compile`` graph; module docstring)."""
 
     name = "kl"
     dynamic = True
 
     def __init__(self, *, direction: str = "forward", reduction: str = "sample", tie: str = "subject",
-                 mode: str = "speculative"):
+                 mode: str = "speculative", compiled: str = "auto"):
         self.direction = check_choice(direction, ("forward", "reverse"), "direction", self.name)
         self.reduction = check_choice(reduction, ("sample", "batch"), "reduction", self.name)
         self.tie = check_choice(tie, ("subject", "style"), "tie", self.name)
         self.mode = check_choice(mode, ("speculative", "two_pass"), "mode", self.name)
+        self.compiled = check_choice(compiled, ("auto", "kernels", "plain"), "compiled", self.name)
+        self._flags = (self.direction == "forward", self.reduction == "batch", self.tie == "subject")
         self._n = 0
 
     @property
@@ -146,12 +163,13 @@ class KLDynamic(FusionMethod):
         self._prev = [None] * self._n if state is None else state
 
     def layer_forward(self, layer, x, weight, bias, packed: PackedLoRA, *, backend: str = "auto"):
+        if torch.compiler.is_compiling():
+            return self._traced_forward(x, weight, bias, packed, backend)
         if not 0 <= layer < self._n:
             raise IndexError(f"{self.name}: layer {layer} out of range (prepared {self._n} layers)")
         if self.mode == "speculative" and (backend == "torch" or (backend == "auto" and not x.is_cuda)):
             # the torch path (CPU): no speculative state; host-cheap checks, else kl_select's full ones
-            out = kl_select_plain(x, weight, bias, packed, self.direction == "forward", self.reduction == "batch",
-                                  self.tie == "subject")
+            out = kl_select_plain(x, weight, bias, packed, *self._flags)
             if out is not None:
                 self._last[layer] = out[1:]
                 return out[0]
@@ -169,6 +187,30 @@ class KLDynamic(FusionMethod):
                             reduction=self.reduction, tie=self.tie, backend=backend)
         self._last[layer] = (g, d)
         return y
+
+    def _traced_forward(self, x, weight, bias, packed: PackedLoRA, backend: str):
+        """:meth:`layer_forward` inside a compiled graph (module docstring): one traceable sequence, no
+        read of the layer index or of per-layer state; the decision goes to ``packed.notes``."""
+        if x.numel() == 0:
+            return fused_lora_linear(x, weight, bias, packed, backend=backend)
+        kernels = self.compiled == "kernels" or (self.compiled == "auto" and backend != "torch" and x.is_cuda)
+        out = None if kernels else kl_select_traced(x, weight, bias, packed, *self._flags)
+        if out is None:  # the Triton ops, or kl_select's full checks (and their errors)
+            G = x.shape[0] if x.dim() >= 2 else 1
+            state = torch.tensor([[1.0, 0.0] if self.tie == "subject" else [0.0, 1.0]], device=x.device).repeat(G, 1)
+            out = kl_select(x, weight, bias, packed, state, direction=self.direction, reduction=self.reduction,
+                            tie=self.tie, backend="triton" if kernels else "torch")
+        packed.notes.decision = out[1:]
+        return out[0]
+
+    def decision_of(self, packed: PackedLoRA) -> Decision:
+        """The decision of the last compiled call made with ``packed`` (a layer's pack; what
+        :meth:`last_decision` is for eager calls): gates (G, 2) and ``stats["kl"]`` D (G, 2), new
+        tensors (``fresh``); zeros when no compiled call used it yet."""
+        got = packed.notes.decision
+        if got is None:
+            return Decision(torch.zeros(1, 2), self._tau, {})
+        return Decision(got[0], self._tau, {"kl": got[1]}, fresh=True)
 
     def last_decision(self, layer: int) -> Decision:
         """Gates (G, 2) of the layer's last call and ``stats["kl"]``: the (G, 2) divergences D_i.

@@ -323,9 +323,9 @@ def lora_fixup(
     """
     what = "lora_fixup"
     L = packed.num_loras
-    y2 = y.reshape(-1, y.shape[-1])
-    if y2.data_ptr() != y.data_ptr() or not y2.is_contiguous():
+    if not y.is_contiguous():  # a shape check, not a data-pointer one: traceable by torch.compile
         raise ValueError(f"{what}: y must be contiguous (it is updated in place)")
+    y2 = y.view(-1, y.shape[-1])
     if u.shape != (y2.shape[0], packed.a.shape[0]) or y2.shape[1] != packed.out_features:
         raise ValueError(f"{what}: y {tuple(y2.shape)} / u {tuple(u.shape)} do not match the packed LoRAs")
     dg = delta_gates.to(torch.float32).reshape(-1, L).contiguous()

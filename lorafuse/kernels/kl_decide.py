@@ -405,6 +405,56 @@ def kl_select_plain(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     return _select(x, weight, bias, got, xs[0] if len(xs) >= 2 else 1, forward, batch, tie_subject)
 
 
+def kl_select_traced(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: PackedLoRA,
+                     forward: bool, batch: bool, tie_subject: bool):
+    """:func:`kl_select_torch` for a ``torch.compile`` graph: the same math in plain ops that Inductor
+    fuses, reading nothing but the arguments (no factor cache: a lookup keyed by the pack would put a
+    guard on it into the graph). x (G, ..., K) or (K,) not empty, weight (N, K), bias (N,) or None,
+    packed two LoRAs in x's dtype -> (y (..., N) in x's dtype, gates (G, 2), D (G, 2)), all new; fp32
+    inside::
+
+        f0 = x W^T + b (M, N);  U = x a^T (M, 2R) on the padded blocks (zero columns give zero deltas)
+        d = bmm(U viewed (2, M, R), b viewed (2, R, N))  (2, M, N): d[i, m] = d_i,m
+        forward:  p0 = softmax(f0);  mu_i = sum_n p0 d_i;  k_i = log1p(sum_n p0 expm1(d_i - mu_i))
+        reverse:  p_i = softmax(f0 + d_i);  nu_i = sum_n p_i d_i;  k_i = log1p(sum_n p_i expm1(nu_i - d_i))
+        D (G, 2) the per-sample (or batch) mean of k;  g = onehot(D_c >= D_s) (tie "subject"; > for "style")
+        y = f0 + g_c d_c + g_s d_s   (one pointwise pass over the (M, N) pieces)
+
+    The reductions run as sums over N (Inductor fuses them with the softmax and expm1 into one loop
+    nest per row) rather than the eager path's bmm; y is a pointwise pass over d rather than a second
+    GEMM with the gated U. Same decisions and outputs as :func:`kl_select_torch` within fp32 rounding.
+    Returns None when the call is not plain (then :func:`kl_select` checks everything)."""
+    N, K = weight.shape if weight.dim() == 2 else (-1, -1)
+    if not (x.dim() >= 1 and packed.num_loras == 2 and x.shape[-1] == K == packed.in_features and packed.out_features == N
+            and x.dtype == weight.dtype == packed.dtype and (bias is None or bias.shape == (N,) and bias.dtype == x.dtype)
+            and x.numel() > 0):
+        return None
+    G = x.shape[0] if x.dim() >= 2 else 1
+    x2 = x.reshape(-1, K).float()
+    M, R = x2.shape[0], packed.rank_block
+    f0 = torch.nn.functional.linear(x2, weight.float(), bias.float() if bias is not None else None)
+    u = torch.mm(x2, packed.a.float().t())  # (M, 2R)
+    d = torch.bmm(u.view(M, 2, R).transpose(0, 1), packed.b.float().view(N, 2, R).permute(1, 2, 0))  # (2, M, N)
+    if forward:
+        p = torch.softmax(f0, dim=-1)  # (M, N), shared by both LoRAs
+        mu = (p * d).sum(dim=-1, keepdim=True)  # (2, M, 1)
+        k = torch.log1p((p * torch.expm1(d - mu)).sum(dim=-1))  # (2, M)
+    else:
+        p = torch.softmax(f0 + d, dim=-1)  # (2, M, N)
+        nu = (p * d).sum(dim=-1, keepdim=True)
+        k = torch.log1p((p * torch.expm1(nu - d)).sum(dim=-1))
+    S = 1 if batch else G
+    D = k.view(2, S, M // S).mean(dim=-1).t()  # (S, 2)
+    subject = D[:, 0] >= D[:, 1] if tie_subject else D[:, 0] > D[:, 1]
+    gates = torch.stack((subject, ~subject), dim=1).float()  # (S, 2)
+    g = gates.view(S, 1, 2, 1)
+    y = f0.view(S, M // S, N) + g[:, :, 0] * d[0].view(S, M // S, N) + g[:, :, 1] * d[1].view(S, M // S, N)
+    y = y.view(*x.shape[:-1], N).to(x.dtype)
+    if batch:
+        gates, D = gates.expand(G, 2), D.expand(G, 2)
+    return y, gates, D
+
+
 def kl_select(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -460,4 +510,5 @@ def kl_select(
     return out.y, new, D
 
 
-__all__ = ["kl_decide", "kl_divergences", "kl_decide_torch", "kl_decide_triton", "kl_select", "kl_select_plain", "kl_select_torch"]
+__all__ = ["kl_decide", "kl_divergences", "kl_decide_torch", "kl_decide_triton", "kl_select", "kl_select_plain", "kl_select_torch",
+           "kl_select_traced"]

@@ -18,7 +18,7 @@ The torch path (CPU) uses the unpadded concatenations ``a_compact`` (sum r_i, K)
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Sequence
 
@@ -59,6 +59,17 @@ def check_not_bare_triple(loras, what: str = _WHAT) -> None:
         )
 
 
+@dataclass(eq=False)
+class CallNotes:
+    """What a fusion method leaves on a pack about the last layer call made with it, for readers
+    outside the call. Inside a ``torch.compile`` graph an attribute written on an object reached
+    through the call's arguments is replayed after the graph, with no guard on which layer it is (a
+    write indexed by the layer's number would specialise the graph on that number: one recompile per
+    layer under regional compilation). ``decision``: (gates (G, L), statistics (G, L)) or None."""
+
+    decision: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
 @dataclass(frozen=True, eq=False)
 class PackedLoRA:
     """Concatenated, rank-padded, scale-folded LoRA factors of one linear layer.
@@ -73,6 +84,7 @@ class PackedLoRA:
         rank_block: R, the padded width of every LoRA's block (a multiple of 16).
         a_compact, b_compact: the same factors without padding (rows / columns ``offset(i)`` on).
         compact_lora: (sum r_i,) int64, the LoRA each compact column belongs to.
+        notes: :class:`CallNotes` of the last layer call made with this pack (a new pack, new notes).
     """
 
     a: torch.Tensor
@@ -82,6 +94,7 @@ class PackedLoRA:
     a_compact: torch.Tensor
     b_compact: torch.Tensor
     compact_lora: torch.Tensor
+    notes: CallNotes = field(default_factory=CallNotes, repr=False)
 
     @property
     def num_loras(self) -> int:

@@ -20,7 +20,7 @@ from .reference import dense, rand_layers, rand_lora
 OPTIONS = {
     "klora": ("pattern", "alpha", "beta", "balance", "k", "tau_mode", "stats_backend"),
     "est": ("D", "pattern", "alpha", "balance", "tau_mode", "stats_backend"),
-    "kl": ("direction", "reduction", "tie", "mode"),
+    "kl": ("direction", "reduction", "tie", "mode", "compiled"),
     "merge": ("subject_weight", "style_weight"),
     "subject": (),
     "style": (),
