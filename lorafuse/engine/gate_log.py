@@ -124,8 +124,17 @@ class GateLog:
     def _record_raw(self, call: int, index: int) -> None:
         """Layer ``index`` made its decision for denoiser call ``call`` (a method without per-step
         decisions): keep its own Decision (device copies at most, no host sync)."""
-        d = _clone_decision(self.method.last_decision(index))
+        self._record_raw_decision(index, call, self.method.last_decision(index))
+
+    def _record_raw_decision(self, index: int, call: int, d: Decision) -> None:
+        d = _clone_decision(d)
         self._raw_log.append((index, call, d.gates, d.stats, d.tau))
+
+    def record_given(self, index: int, d: Decision) -> None:
+        """Layer ``index``'s Decision ``d`` in the open denoiser call, given instead of asked for (a
+        compiled graph's call: :meth:`~lorafuse.fusion.base.FusionMethod.decision_of`)."""
+        if self._call is not None:
+            self._record_raw_decision(index, self._call, d)
 
     def record(self, index: int, gates, stats: dict | None = None) -> None:
         """Layer ``index`` (a logged layer the method does not decide for, e.g. a covered conv LoRA

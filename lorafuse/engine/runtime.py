@@ -66,7 +66,7 @@ class LayerSlot:
     layer runs on its merged weight), ``packed`` (the fused path's
     :class:`~lorafuse.kernels.PackedLoRA` for the input dtype of that check)."""
 
-    __slots__ = ("index", "component", "path", "fp", "merged", "packed", "dst", "ran", "decision")
+    __slots__ = ("index", "component", "path", "fp", "merged", "packed", "dst", "ran")
     kind = "linear"
 
     def __init__(self, index: int, component: str, path: str):
@@ -78,7 +78,6 @@ class LayerSlot:
         self.packed = None
         self.dst = None  # the layer's merged weight W_eff while it is current (what a compiled graph reads)
         self.ran = False  # set by a compiled graph that ran the layer (the gate log records it afterwards)
-        self.decision = None  # (gates, stats) a compiled graph's call of a dynamic method decided
 
     def merge_inputs(self) -> tuple[torch.Tensor, list, Any]:
         """``(W, [(A_c, B_c, s_c), (A_s, B_s, s_s)], key)`` as they are now; equal keys mean equal
@@ -289,22 +288,23 @@ class FusionEngine:
 
     def end_call(self) -> None:
         """At the end of a denoiser call: the gate log records the layers a compiled graph ran (their
-        calls could not record themselves), in layer order, with the decisions the graph returned
-        (dynamic methods) or the call's gates."""
+        calls could not record themselves), in layer order, with the decision the graph left on the
+        layer's pack (:meth:`FusionMethod.decision_of`: dynamic methods) or the call's gates."""
         if not self.traced:
             return
         self.traced = False
         record = self.run.record if self.run is not None else None
         for rec in self.layers:
-            if rec.ran:
-                rec.ran = False
-                if record is None:
-                    continue
-                if rec.decision is not None:
-                    self.log.record(rec.index, *rec.decision)
-                    rec.decision = None
-                else:
-                    record(rec.index)
+            if not rec.ran:
+                continue
+            rec.ran = False
+            if record is None:
+                continue
+            d = self.method.decision_of(rec.packed) if rec.packed is not None else None
+            if d is None:
+                record(rec.index)
+            else:
+                self.log.record_given(rec.index, d)
 
     # ---------------- per layer call ----------------
     def prepare_layer(self, rec: LayerSlot, x: torch.Tensor) -> None:

@@ -110,6 +110,12 @@ class FusionMethod(abc.ABC):
     def last_decision(self, layer: int) -> Decision:
         """What layer ``layer`` applied on its last call."""
 
+    def decision_of(self, packed: PackedLoRA) -> Decision | None:
+        """What the last layer call made with ``packed`` inside a ``torch.compile`` graph applied, for a
+        method whose graph cannot keep it by layer index (a Python int read in a graph specialises it
+        on that layer); None (the default): :meth:`last_decision` or :meth:`step_decisions` has it."""
+        return None
+
     def reset(self) -> None:
         """Forget per-run state (e.g. speculative gates carried from call to call): called when a new
         sampling run starts, so identical runs give identical outputs. Default: nothing to forget."""

@@ -203,13 +203,13 @@ class KLDynamic(FusionMethod):
         packed.notes.decision = out[1:]
         return out[0]
 
-    def decision_of(self, packed: PackedLoRA) -> Decision:
+    def decision_of(self, packed: PackedLoRA) -> Decision | None:
         """The decision of the last compiled call made with ``packed`` (a layer's pack; what
         :meth:`last_decision` is for eager calls): gates (G, 2) and ``stats["kl"]`` D (G, 2), new
-        tensors (``fresh``); zeros when no compiled call used it yet."""
+        tensors (``fresh``); None when no compiled call used it yet."""
         got = packed.notes.decision
         if got is None:
-            return Decision(torch.zeros(1, 2), self._tau, {})
+            return None
         return Decision(got[0], self._tau, {"kl": got[1]}, fresh=True)
 
     def last_decision(self, layer: int) -> Decision:

@@ -74,6 +74,7 @@ def make_layer_forward(h, rec: PeftLayer):
             packed = rec.compiled_pack(x)
             if packed is None:
                 packed = _pack_eager(rec, x)
+            rec.packed = packed  # where a dynamic method leaves the call's decision (engine.end_call)
             return h.method.layer_forward(index, x, base.weight, base.bias, packed, backend=h.backend)
         fp = rec.fingerprint(x) if not (args or kwargs) else None
         if fp is None or fp != rec.fp:  # something changed since the last full check: check again

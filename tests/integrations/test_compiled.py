@@ -56,7 +56,8 @@ def decisions(log):
 
 
 def weights(pipe):
-    return {k: v.detach().clone() for k, v in denoiser(pipe).state_dict().items()}
+    d = denoiser(pipe)
+    return {k: v.detach().clone() for k, v in getattr(d, "_orig_mod", d).state_dict().items()}
 
 
 @pytest.fixture(autouse=True)
@@ -83,7 +84,7 @@ def check_compiled(family, method, mode, order, **options):
     else:
         h = accelerate_fusion(pipe, "sbj", "sty", method, backend="torch", **options)
         compile_denoiser(pipe, family, mode, fullgraph=True)
-    assert h.summary()["path"] == "merged"
+    assert h.summary()["path"] == ("fused" if method == "kl" else "merged")
     out = run(pipe, family, steps=3)
     graphs, breaks = graphs_and_breaks()
     assert graphs >= 1 and breaks == 0
@@ -119,6 +120,28 @@ def test_klora_compiled_reads_merged_weights(family, mode, order):
 ])
 def test_static_methods_compiled(family, method, options, mode, order):
     check_compiled(family, method, mode, order, **options)
+
+
+@pytest.mark.parametrize("family, mode, order", [("flux", "regional", "after"), ("sdxl", "whole", "before")])
+def test_kl_compiled_traces_its_statistics_and_decision(family, mode, order):
+    """kl: the statistics and the decision run inside the graph (no graph break, one graph per block
+    type); the gate log gets each layer call's gates and divergences from the graph."""
+    check_compiled(family, "kl", mode, order)
+
+
+def test_kl_compiled_gate_log_keeps_the_divergences():
+    family = "flux"
+    pipe = make(family)
+    h = accelerate_fusion(pipe, "sbj", "sty", "kl", backend="torch")
+    run(pipe, family, steps=2)
+    eager = sorted((e["call"], e["layer_index"], e["kl"]) for e in h.gate_log)
+    compile_denoiser(pipe, family, "regional", fullgraph=True)
+    run(pipe, family, steps=2)
+    out = sorted((e["call"] - 2, e["layer_index"], e["kl"]) for e in h.gate_log)  # the second run's calls
+    h.remove()
+    assert [k[:2] for k in out] == [k[:2] for k in eager] and len(out) > 0
+    for (_, _, a), (_, _, b) in zip(out, eager):
+        assert torch.allclose(torch.tensor(a), torch.tensor(b), rtol=1e-4, atol=1e-7)
 
 
 class FlipKLoRA(KLoRA):
