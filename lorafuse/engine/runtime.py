@@ -15,8 +15,10 @@ layers (W: N x K, bias b, two LoRAs each). The engine holds, besides the method,
   layer calls of one denoiser call are never interleaved with another request's.
 
 Per denoiser call, :meth:`FusionEngine.begin_call`: the call's run made current (the method's
-per-run state follows it), ``method.begin_step(Progress(tau, step, ...))``, then the merged weights
-of the layers whose gates flipped are rebuilt, then the call's recorder.
+per-run state follows it), ``method.begin_step(Progress(tau, step, ...))``, then every merged weight
+is made current (the flipped layers rebuilt, the pending ones built: a ``torch.compile`` graph reads
+W_eff as an input and cannot build it), then the call's recorder. :meth:`FusionEngine.end_call` logs
+the layer calls a compiled graph ran (they cannot record themselves).
 Per layer call, :meth:`FusionEngine.call` (after the integration's own checks passed and
 :meth:`FusionEngine.prepare_layer` put the layer on a path)::
 

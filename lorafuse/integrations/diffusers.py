@@ -155,8 +155,9 @@ def accelerate_fusion(
 
     Order with other diffusers features:
 
-    - ``torch.compile``: before or after; the compiled module's layers are patched and a compiled
-      graph runs the fused path (merged weights are handed back at the first traced call).
+    - ``torch.compile`` (whole module or regional): before or after; the compiled module's layers are
+      patched. A compiled layer of a method with per-call gates reads its merged weight as a graph
+      input (made current before the graph runs); kl traces its statistics and decision.
     - offloading: before or after. Block-level group offloading and model offload keep the merged /
       fused path (merged weights are rebuilt after each onload, which gives new tensors; "scratch"
       keeps its copies on the onload device, so "inplace" or "off" save device memory); sequential
