@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from ..kernels._common import resolve_backend
-from ..kernels.merge_weight import MergeTable, merge_flipped_weights, merge_lora_weight
+from ..kernels.merge_weight import MergeTable, merge_flipped_weights, merge_lora_weight, merge_lora_weight_torch
 from ..kernels.packing import PackedLoRA
 from .gate_log import memory_key
 
@@ -159,7 +159,10 @@ class MergedWeights:
                 st = self.layers[i]
                 if self.mode == "inplace":
                     st.dst.copy_(st.original, non_blocking=True)
-                merge_lora_weight(st.src, st.pack, gates[i], out=st.dst, backend=self.backend)
+                if resolve_backend(self.backend, st.dst.device, "merged weights") == "torch":
+                    merge_lora_weight_torch(st.src, st.pack, gates[i], st.dst)  # as built: no checks again
+                else:
+                    merge_lora_weight(st.src, st.pack, gates[i], out=st.dst, backend=self.backend)
 
     def _write_back(self, i: int, weight: torch.Tensor | None) -> None:
         """In place mode: layer i's original into ``weight`` (default: the tensor it was built in),

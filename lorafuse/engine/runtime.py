@@ -282,8 +282,8 @@ class FusionEngine:
         weight, loras, key = rec.merge_inputs()
         if not rebuild and merged.current(rec.index, weight, key):
             return
-        if self.host_gates:
-            row, gate_key = row if row is not None else self.rows[rec.index]
+        if self.host_gates:  # this call's row (before any begin_call: the method's own, or its error)
+            row, gate_key = row or (self.rows[rec.index] if self.rows else self.method.layer_gates(rec.index))
         else:
             row, gate_key = self.method.step_decisions().gates[rec.index], None
         rec.merged_into(merged.build(rec.index, weight, loras, key, row, gate_key))

@@ -49,11 +49,17 @@ MERGE_BLOCK_N, MERGE_BLOCK_K, RANK_SLICE = 64, 64, 16
 def merge_lora_weight_torch(weight: torch.Tensor, packed: PackedLoRA, gates: torch.Tensor,
                             out: torch.Tensor) -> torch.Tensor:
     """Reference: ``out = W + (b diag(g per rank column)) a`` in fp32 (fp64 for fp64), one rounding.
-    Uses the unpadded factors (padding is pure waste on a CPU)."""
+    Uses the unpadded factors (padding is pure waste on a CPU); one ``addmm`` (W added inside the GEMM,
+    written straight into ``out`` when it has the working dtype: a flip on the CPU is three ops)."""
     work = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    col_gates = gates.to(work).index_select(0, packed.compact_lora)
-    delta = torch.mm(packed.b_compact.to(work) * col_gates, packed.a_compact.to(work))
-    out.copy_(delta.add_(weight.to(work)))
+    bg = packed.b_compact.to(work) * gates.to(work).index_select(0, packed.compact_lora)
+    a = packed.a_compact.to(work)
+    if out.dtype != work or weight.dtype != work:
+        out.copy_(torch.addmm(weight.to(work), bg, a))
+    elif out is weight:
+        out.addmm_(bg, a)
+    else:
+        torch.addmm(weight, bg, a, out=out)
     return out
 
 
