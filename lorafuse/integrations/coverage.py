@@ -181,7 +181,16 @@ class Coverage:
             _, ys, _ = peft_adapter_outputs(m, x, names)
             return select_per_sample(gates.reshape(1, 2).to(ys[0].device), ys)
 
-        return forward
+        # inside a compiled graph the rule's host state (the call's scores, the log) would become
+        # guards that change every denoiser call: such a layer runs eagerly (one graph break per call)
+        eager = torch._dynamo.disable(forward)
+
+        def covered_forward(x, *args, **kwargs):
+            if torch.compiler.is_compiling():
+                return eager(x, *args, **kwargs)
+            return forward(x, *args, **kwargs)
+
+        return covered_forward
 
 
 def conv_scores(method, m, names: tuple[str, str]):

@@ -177,7 +177,7 @@ def test_compiled_switch_validation_and_options():
     with pytest.raises(ValueError, match=r"kl: compiled must be one of .*got 'triton'"):
         get_method("kl", compiled="triton")
     m, _, packs = setup()
-    assert m.decision_of(packs[0]).gates.abs().sum() == 0 and m.decision_of(packs[0]).stats == {}
+    assert m.decision_of(packs[0]) is None  # no compiled call used this pack yet
 
 
 def test_compiled_errors_are_the_eager_ones():

@@ -21,7 +21,7 @@ from lorafuse.integrations import accelerate_fusion
 from .tiny import denoiser, flux_pipeline, load_two, run, sdxl_pipeline
 
 BUILD = {"sdxl": sdxl_pipeline, "flux": flux_pipeline}
-COMPONENT = {"sdxl": "unet", "flux": "transformer"}
+COMPONENT = {"sd15": "unet", "sdxl": "unet", "flux": "transformer"}
 
 
 def make(family):
@@ -189,3 +189,30 @@ def test_per_call_lora_scale_under_compile_keeps_the_result():
     h.remove()
     assert not close(eager, plain)
     assert close(out, eager) and close(out_plain, plain)
+
+
+@pytest.mark.parametrize("method", ["klora", "kl"])
+def test_covered_conv_layers_run_eagerly_inside_a_compiled_denoiser(method):
+    """LoRA layers the kernels do not patch but the method covers (SD1.5's 1x1 conv LoRAs, a layer only
+    the subject targets) run eagerly inside a compiled graph, one graph break per such layer call, so
+    their per-call rule and log do not become guards: the same image and decisions as eager, and no
+    recompile across runs with other step counts."""
+    from .test_fallbacks import conv_pair
+
+    pipe = conv_pair()
+    pipe.set_progress_bar_config(disable=True)
+    h = accelerate_fusion(pipe, "sbj", "sty", method, backend="torch")
+    eager = run(pipe, "sd15", steps=3)
+    eager_log = decisions(h.gate_log)
+    h.remove()
+    h = accelerate_fusion(pipe, "sbj", "sty", method, backend="torch")
+    compile_denoiser(pipe, "sd15", "whole")
+    out = run(pipe, "sd15", steps=3)
+    log = decisions(h.gate_log)
+    graphs, breaks = graphs_and_breaks()
+    run(pipe, "sd15", steps=2)
+    again = run(pipe, "sd15", steps=3)
+    h.remove()
+    assert close(out, eager) and close(again, eager), (out - eager).abs().max()
+    assert log == eager_log and any(e[1] >= h.num_layers for e in log)  # the covered layers are logged
+    assert breaks > 0 and graphs_and_breaks()[0] == graphs

@@ -290,7 +290,7 @@ def test_bad_spec_from_the_command_line_prints_one_line(workspace):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         f"lorafuse sweep: {path}: methods[1]: unknown option 'pattern' of method 'kl'; valid options: direction, "
-        "reduction, tie, mode"]
+        "reduction, tie, mode, compiled"]
 
 
 def test_readme_example_spec_is_the_written_one_and_checks(tmp_path, capsys):
