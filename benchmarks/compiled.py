@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import csv
 import datetime
 import statistics
 import time
@@ -57,7 +56,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.compiling import MODES, compile_denoiser
-from benchmarks.run import RESULTS, cpu_ticks, device_name, git_commit, other_cpu_share, triton_version
+from benchmarks.run import RESULTS, append_rows, cpu_ticks, device_name, git_commit, other_cpu_share, triton_version
 
 FAMILIES = ("flux", "sdxl")
 BACKENDS = ("aot_eager", "inductor")
@@ -360,13 +359,7 @@ def main(argv: list[str] | None = None) -> int:
           f"other processes used {other:.0%} of the CPU\n")
     print(markdown(rows))
     if not args.no_csv:
-        new = not args.out.exists()
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        with args.out.open("a", newline="") as f:
-            w = csv.DictWriter(f, FIELDS)
-            if new:
-                w.writeheader()
-            w.writerows(rows)
+        append_rows(args.out, FIELDS, rows)
         print(f"rows appended to {args.out}")
     return 0
 

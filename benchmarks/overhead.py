@@ -25,7 +25,6 @@ of the LoRA-disabled call; kl adds no more than PEFT's extra.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import random
 import statistics
@@ -36,7 +35,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.fusion_methods import count_ops
-from benchmarks.run import RESULTS, cpu_ticks, device_name, git_commit, other_cpu_share
+from benchmarks.run import RESULTS, append_rows, cpu_ticks, device_name, git_commit, other_cpu_share
 
 METHODS = [  # (label, method, accelerate_fusion options)
     ("klora", "klora", {}),
@@ -284,14 +283,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['section']:9s} {r['pipeline']:38s} {r['config']:14s} {r['ops_per_call']!s:>5s} {r['us']:9.1f} "
               f"{r['p20']:8.1f}-{r['p80']:<8.1f} {r['ratio']:7.3f} {r['extra_us']:11.1f} {r['extra_vs_peft']:8.1%}")
     if not args.no_csv:
-        new = not args.csv.exists()
-        args.csv.parent.mkdir(parents=True, exist_ok=True)
-        with args.csv.open("a", newline="") as f:
-            w = csv.DictWriter(f, FIELDS)
-            if new:
-                w.writeheader()
-            for r in rows:
-                w.writerow({**meta, **{k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in r.items()}})
+        append_rows(args.csv, FIELDS, ({**meta, **{k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in r.items()}}
+                                       for r in rows))
         print(f"rows appended to {args.csv}")
     return 0
 

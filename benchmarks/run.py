@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 from lorafuse.bench.load import cpu_ticks
-from lorafuse.bench.run import (CSV_FIELDS, GATES, ISSUE_CPU, RANKS, SHAPES, build_parser, device_name, git_commit,
+from lorafuse.bench.run import (CSV_FIELDS, GATES, ISSUE_CPU, RANKS, SHAPES, append_rows, build_parser, device_name,
+                                git_commit,
                                 main, measure_peaks, other_cpu_share, peak_memory, plan, run, run_case, sync, time_cpu,
                                 time_gpu, triton_version)
 
@@ -18,7 +19,7 @@ RESULTS = Path(__file__).resolve().parent / "results"  # the committed results (
 _cpu_ticks, _device_name, _git_commit, _sync, _triton_version = cpu_ticks, device_name, git_commit, sync, triton_version
 
 __all__ = [
-    "CSV_FIELDS", "GATES", "ISSUE_CPU", "RANKS", "RESULTS", "SHAPES", "build_parser", "cpu_ticks", "device_name",
+    "CSV_FIELDS", "GATES", "ISSUE_CPU", "RANKS", "RESULTS", "SHAPES", "append_rows", "build_parser", "cpu_ticks", "device_name",
     "git_commit", "main", "measure_peaks", "other_cpu_share", "peak_memory", "plan", "run", "run_case", "sync",
     "time_cpu", "time_gpu", "triton_version",
 ]

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import datetime
 import os
 import random
@@ -34,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.run import RESULTS, cpu_ticks, device_name, git_commit, other_cpu_share
+from benchmarks.run import RESULTS, append_rows, cpu_ticks, device_name, git_commit, other_cpu_share
 
 CONFIGS = ("peft", "klora", "kl")
 CONCURRENCY = (1, 2, 4)
@@ -155,13 +154,7 @@ def main(argv=None) -> list[dict]:
                          config=c, requests=n, images_per_s=f"{med:.3f}", p20=f"{p20:.3f}", p80=f"{p80:.3f}",
                          vs_peft=f"{ratio:.3f}"))
     if not args.no_csv:
-        new = not args.csv.exists()
-        args.csv.parent.mkdir(parents=True, exist_ok=True)
-        with args.csv.open("a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=FIELDS)
-            if new:
-                w.writeheader()
-            w.writerows(rows)
+        append_rows(args.csv, FIELDS, rows)
     return rows
 
 

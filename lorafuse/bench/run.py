@@ -410,15 +410,21 @@ def print_table(label: str, case: P.Case, note: str, rows: list[dict]) -> None:
               f"{r['x_ideal']:8.1f} {r['rel_err']:8.1e}")
 
 
-def append_csv(path: Path, rows: list[dict], meta: dict) -> None:
+def append_rows(path: Path, fields: list[str], rows, extrasaction: str = "raise") -> None:
+    """Append ``rows`` (dicts) to the CSV at ``path`` with columns ``fields``, writing the header when
+    the file is new or empty (the results files of every benchmark grow this way)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists() or path.stat().st_size == 0
     with path.open("a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction=extrasaction)
         if new:
             w.writeheader()
-        for r in rows:
-            w.writerow({**meta, **{k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()}})
+        w.writerows(rows)
+
+
+def append_csv(path: Path, rows: list[dict], meta: dict) -> None:
+    append_rows(path, CSV_FIELDS, ({**meta, **{k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()}}
+                                   for r in rows), extrasaction="ignore")
 
 
 def plot(all_rows: list[dict], out_dir: Path, device_tag: str) -> list[Path]:
