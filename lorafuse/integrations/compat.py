@@ -98,6 +98,8 @@ DIFFUSERS_FEATURES = {
     "pipeline_group_offload": ("diffusers >= 0.36 (DiffusionPipeline.enable_group_offload)",
                                lambda: _diffusers_pipeline_has("enable_group_offload")),
     "hotswap": ("diffusers >= 0.33 with PEFT >= 0.15 (load_lora_weights(..., hotswap=True))", _diffusers_hotswap),
+    "regional_compile": ("diffusers >= 0.35 (ModelMixin.compile_repeated_blocks)",
+                         lambda: _diffusers_model_has("compile_repeated_blocks")),
 }
 
 
